@@ -1,0 +1,135 @@
+"""Process groups for Megatron ranks: init from env, model-parallel layout, seeds, and a local spawner."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import queue
+import socket
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_rl import platform
+from megatron_rl.parallel import ParallelConfig
+
+
+def initialize(parallel: ParallelConfig, seed: int = 1234, timeout_s: int = 600) -> None:
+    """Initialises torch.distributed from env (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and Megatron's
+    model-parallel groups. Safe to call again with another layout after `destroy_model_parallel()`."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    platform.apply()
+    if not dist.is_initialized():
+        rank = int(os.environ.get("RANK", "0"))
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        if not platform.use_cpu():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
+        dist.init_process_group(
+            platform.backend(), rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s)
+        )
+    parallel.check_world(dist.get_world_size())  # raises a LayoutError naming the fix
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        virtual_pipeline_model_parallel_size=parallel.vpp,
+        context_parallel_size=parallel.cp,
+        expert_model_parallel_size=parallel.ep,
+        expert_tensor_parallel_size=parallel.etp,
+    )
+    model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+
+
+def destroy_model_parallel() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+
+
+def teardown() -> None:
+    destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple, results: Any) -> None:
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    import warnings
+
+    # Megatron warns at import about missing TE/apex and deprecated args; the fallbacks are intended.
+    warnings.filterwarnings("ignore", module=r"megatron\..*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    # Each rank gets an equal share of the cores; oversubscription makes gloo ranks crawl.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    try:
+        results.put((rank, "ok", fn(rank, *args)))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent with its traceback
+        results.put((rank, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class SpawnError(RuntimeError):
+    """A spawned rank failed; the message holds its traceback."""
+
+
+def spawn(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 900) -> list[Any]:
+    """Runs fn(rank, *args) in `world_size` fresh processes (a local gloo/nccl world) and returns each rank's
+    return value. A failing rank stops the others and raises SpawnError with its traceback; no hangs."""
+    ctx = torch.multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_worker, args=(fn, rank, world_size, port, args, results), daemon=False)
+        for rank in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    outputs: dict[int, Any] = {}
+    deadline = _now() + timeout_s
+    try:
+        while len(outputs) < world_size:
+            try:
+                rank, status, value = results.get(timeout=1.0)
+            except queue.Empty:
+                dead = [i for i, p in enumerate(procs) if p.exitcode not in (None, 0) and i not in outputs]
+                if dead:
+                    raise SpawnError(f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode}") from None
+                if _now() > deadline:
+                    raise SpawnError(f"spawned world did not finish within {timeout_s:.0f} s") from None
+                continue
+            if status == "error":
+                raise SpawnError(f"rank {rank} failed: {value}")
+            outputs[rank] = value
+    finally:
+        for p in procs:
+            p.join(timeout=5 if len(outputs) == world_size else 0.1)
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=5)
+    return [outputs[r] for r in range(world_size)]
+
+
+def _now() -> float:
+    import time
+
+    return time.monotonic()

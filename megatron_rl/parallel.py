@@ -1,0 +1,97 @@
+"""Parallel layout: tp/pp/cp/ep/sp from config, dp derived, every divisibility rule checked up front."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_rl.errors import LayoutError
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    ep: int = 1
+    # Expert tensor parallelism; None means "same as tp" (Megatron's default).
+    etp: int | None = None
+    sequence_parallel: bool = False
+    # Virtual pipeline stages per rank (interleaved 1F1B); None disables interleaving.
+    vpp: int | None = None
+
+    def data_parallel_size(self, world_size: int) -> int:
+        model_parallel = self.tp * self.pp * self.cp
+        if world_size % model_parallel:
+            raise LayoutError(
+                f"World size {world_size} is not divisible by tp*pp*cp = {self.tp}*{self.pp}*{self.cp} = "
+                f"{model_parallel}. Change the number of ranks (cluster.nodes * cluster.gpus_per_node) or "
+                f"the layout so that world size = tp*pp*cp*dp."
+            )
+        return world_size // model_parallel
+
+    def check_world(self, world_size: int) -> int:
+        """Model-independent rules: world = tp*pp*cp*dp and the expert grid fits; returns dp."""
+        dp = self.data_parallel_size(world_size)
+        etp = self.etp if self.etp is not None else self.tp
+        # Megatron folds the expert grid (ep x etp) into the tp*cp*dp ranks of one pipeline stage.
+        expert_ranks = self.tp * self.cp * dp
+        if expert_ranks % (self.ep * etp):
+            raise LayoutError(
+                f"Expert layout ep={self.ep} x etp={etp} must divide tp*cp*dp={expert_ranks} ranks per "
+                f"pipeline stage (world {world_size}); lower ep, set etp=1, or add ranks."
+            )
+        return dp
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The numbers of a model that the layout must divide."""
+
+    num_layers: int
+    num_attention_heads: int
+    num_query_groups: int
+    vocab_size: int
+    num_experts: int | None = None
+
+
+def validate_layout(par: ParallelConfig, shape: ModelShape, world_size: int) -> int:
+    """Checks every divisibility rule; returns the data-parallel size. Raises LayoutError naming the fix."""
+    for name in ("tp", "pp", "cp", "ep"):
+        value = getattr(par, name)
+        if not isinstance(value, int) or value < 1:
+            raise LayoutError(f"policy.parallel.{name} must be a positive integer, got {value!r}.")
+    problems: list[str] = []
+    if shape.num_attention_heads % par.tp:
+        problems.append(
+            f"attention heads ({shape.num_attention_heads}) are not divisible by tp={par.tp}: "
+            f"choose tp among {_divisors(shape.num_attention_heads)}"
+        )
+    if shape.num_query_groups % par.tp and par.tp % shape.num_query_groups:
+        problems.append(
+            f"key/value heads ({shape.num_query_groups}) and tp={par.tp}: one must divide the other"
+        )
+    if shape.vocab_size % par.tp:
+        problems.append(f"vocab size ({shape.vocab_size}) is not divisible by tp={par.tp}")
+    stages = par.pp * (par.vpp or 1)
+    if shape.num_layers % stages:
+        problems.append(
+            f"layers ({shape.num_layers}) are not divisible by pp*vpp={stages}: "
+            f"choose pp among {_divisors(shape.num_layers)}"
+        )
+    if par.sequence_parallel and par.tp == 1:
+        problems.append("sequence_parallel=true needs tp>1 (it splits activations across the TP group)")
+    if par.ep > 1:
+        if not shape.num_experts:
+            problems.append(f"ep={par.ep} but the model has no experts: set policy.parallel.ep=1")
+        elif shape.num_experts % par.ep:
+            problems.append(
+                f"experts ({shape.num_experts}) are not divisible by ep={par.ep}: "
+                f"choose ep among {_divisors(shape.num_experts)}"
+            )
+    if problems:
+        raise LayoutError("Parallel layout does not fit the model: " + "; ".join(problems) + ".")
+    return par.check_world(world_size)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]

@@ -1,0 +1,206 @@
+"""The one place that knows the platform: makes Megatron Core run on a CPU-only torch over gloo.
+
+Megatron Core assumes CUDA in a handful of places (device="cuda" factories, CUDA RNG tracker, CUDA streams,
+`Tensor.type()` spellings). On a machine without CUDA, `apply()` patches exactly those, once, and each patch
+says why. With CUDA present it does nothing: GPU clusters run stock Megatron (NCCL + Transformer Engine).
+Nothing else in the code base may test for the platform except through `backend()` and `use_cpu()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Any
+
+import torch
+
+_APPLIED = False
+_FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange", "rand", "randn", "randint", "as_tensor")
+
+
+def use_cpu() -> bool:
+    """True when training runs on CPU (no CUDA device)."""
+    return not torch.cuda.is_available()
+
+
+def backend() -> str:
+    """torch.distributed backend for training ranks."""
+    return "gloo" if use_cpu() else "nccl"
+
+
+def device() -> torch.device:
+    return torch.device("cpu") if use_cpu() else torch.device("cuda", torch.cuda.current_device())
+
+
+def attention_mask(seq_len: int, dev: torch.device | str = "cpu") -> torch.Tensor | None:
+    """Causal mask for Megatron attention: explicit on CPU (the default one is built on "cuda"),
+    None on GPU where the fused kernels apply causality themselves."""
+    if not use_cpu():
+        return None
+    return torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool, device=dev).triu_(1)
+
+
+def apply() -> None:
+    """Applies the CPU patches (idempotent). Call before building Megatron modules."""
+    global _APPLIED
+    if _APPLIED or not use_cpu():
+        return
+    _APPLIED = True
+    _redirect_cuda_factories()
+    _patch_torch_cuda_namespace()
+    _patch_tensor_methods()
+    _patch_megatron_modules()
+
+
+def _to_cpu_device(dev: Any) -> Any:
+    if isinstance(dev, str) and dev.startswith("cuda"):
+        return "cpu"
+    if isinstance(dev, torch.device) and dev.type == "cuda":
+        return torch.device("cpu")
+    if isinstance(dev, int):  # a CUDA ordinal from torch.cuda.current_device()
+        return "cpu"
+    return dev
+
+
+def _redirect_cuda_factories() -> None:
+    # Megatron allocates counters, grad-norm buffers and loss scales with a literal device="cuda"
+    # (schedules, clip_grads, optimizer, grad_scaler). Redirect just those factory calls to CPU.
+    for name in _FACTORIES:
+        original = getattr(torch, name)
+
+        @functools.wraps(original)
+        def factory(*args: Any, __original=original, **kwargs: Any) -> Any:
+            if "device" in kwargs:
+                kwargs["device"] = _to_cpu_device(kwargs["device"])
+            kwargs.pop("pin_memory", None)  # pinning needs a CUDA context
+            return __original(*args, **kwargs)
+
+        setattr(torch, name, factory)
+
+
+class _NoStream:
+    """Stands in for torch.cuda.Stream/Event: CPU ops are synchronous, so waits and records are no-ops."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def wait_stream(self, *args: Any) -> None:
+        pass
+
+    def wait_event(self, *args: Any) -> None:
+        pass
+
+    def record_event(self, *args: Any) -> _NoStream:
+        return _NoStream()
+
+    def record(self, *args: Any) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, other: Any) -> float:
+        return 0.0
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _NoStream)
+
+    def __hash__(self) -> int:
+        return 0
+
+
+def _patch_torch_cuda_namespace() -> None:
+    # RoPE, attention masks and DDP buffers allocate on torch.cuda.current_device(); "cpu" keeps them here.
+    torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
+    # p2p communication and DDP call synchronize(); CPU collectives are already synchronous.
+    torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
+    # The MoE alltoall dispatcher and DDP overlap create side streams and events.
+    torch.cuda.Stream = _NoStream  # type: ignore[assignment,misc]
+    torch.cuda.Event = _NoStream  # type: ignore[assignment,misc]
+    torch.cuda.current_stream = lambda *a, **k: _NoStream()  # type: ignore[assignment]
+    torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()  # type: ignore[assignment]
+    torch.cuda.nvtx.range_push = lambda *a, **k: None  # type: ignore[assignment]
+    torch.cuda.nvtx.range_pop = lambda *a, **k: None  # type: ignore[assignment]
+    torch.cuda.memory_allocated = lambda *a, **k: 0  # type: ignore[assignment]
+    torch.cuda.max_memory_allocated = lambda *a, **k: 0  # type: ignore[assignment]
+
+
+def _patch_tensor_methods() -> None:
+    # Optimizer code moves state with .cuda(); on CPU that is the identity.
+    torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[assignment]
+    torch.Tensor.record_stream = lambda self, *a, **k: None  # type: ignore[assignment]
+    # Megatron's optimizers assert param.type() in {"torch.cuda.FloatTensor", ...}; report that spelling.
+    original_type = torch.Tensor.type
+
+    def cuda_spelled_type(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if args or kwargs:
+            return original_type(self, *args, **kwargs)
+        return original_type(self).replace("torch.", "torch.cuda.", 1)
+
+    torch.Tensor.type = cuda_spelled_type  # type: ignore[assignment]
+
+
+class _CpuRngStatesTracker:
+    """Megatron's model-parallel RNG tracker backed by the CPU generator (the CUDA one does not exist)."""
+
+    def __init__(self) -> None:
+        self.states_: dict[str, torch.Tensor] = {}
+        self.seeds_: set[int] = set()
+
+    def is_initialized(self) -> bool:
+        return bool(self.states_)
+
+    def reset(self) -> None:
+        self.states_ = {}
+        self.seeds_ = set()
+
+    def get_states(self) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in self.states_.items()}
+
+    def set_states(self, states: dict[str, torch.Tensor]) -> None:
+        self.states_ = {k: v.clone() for k, v in states.items()}
+
+    def add(self, name: str, seed: int) -> None:
+        if seed in self.seeds_ or name in self.states_:
+            raise RuntimeError(f"RNG state {name!r} (seed {seed}) already exists")
+        self.seeds_.add(seed)
+        original = torch.get_rng_state()
+        torch.manual_seed(seed)
+        self.states_[name] = torch.get_rng_state()
+        torch.set_rng_state(original)
+
+    @contextlib.contextmanager
+    def fork(self, name: str = "model-parallel-rng"):
+        if name not in self.states_:
+            raise RuntimeError(f"RNG state {name!r} was never added")
+        original = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(original)
+
+
+def _patch_megatron_modules() -> None:
+    from megatron.core.tensor_parallel import random as mp_random
+
+    # The stock tracker reads and writes CUDA generator states.
+    def initialize_rng_tracker(*args: Any, force_reset: bool = False, **kwargs: Any) -> None:
+        if force_reset or not mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED:
+            mp_random._CUDA_RNG_STATE_TRACKER = _CpuRngStatesTracker()
+            mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+    mp_random.initialize_rng_tracker = initialize_rng_tracker
+    # model_parallel_cuda_manual_seed seeds the (absent) CUDA generator; seed the CPU one instead.
+    # (Not torch.manual_seed itself: that calls torch.cuda.manual_seed_all, which must stay a lazy no-op.)
+    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))  # type: ignore[assignment]
+
+    # megatron-core 0.16 references te_general_gemm in the router even when TE failed to import.
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None

@@ -1,0 +1,85 @@
+"""Megatron distributed checkpoints (torch_dist) of a policy: layout-independent, written atomically.
+
+A checkpoint is written into `<dir>.tmp-<pid>` and renamed into place by rank 0 after every rank finished,
+so a crash mid-save leaves the previous checkpoint untouched and loadable.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+
+def _chunks(policy: Any) -> list[Any]:
+    # DDP wrappers prefix keys with "module."; checkpoints hold the bare model's keys.
+    from megatron_rl.policy.core import _unwrap
+
+    return [_unwrap(c) for c in policy.model]
+
+
+def _model_sharded_state_dict(policy: Any) -> dict[str, Any]:
+    chunks = _chunks(policy)
+    if len(chunks) == 1:
+        return chunks[0].sharded_state_dict()
+    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def save_checkpoint(policy: Any, directory: str | Path, with_optimizer: bool = True) -> Path:
+    from megatron.core import dist_checkpointing
+
+    final = Path(directory)
+    tmp = final.with_name(final.name + ".tmp")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    state: dict[str, Any] = {"model": _model_sharded_state_dict(policy)}
+    if with_optimizer and policy.optimizer is not None:
+        state["optimizer"] = policy.optimizer.sharded_state_dict(state["model"])
+        state["scheduler"] = policy.scheduler.state_dict()
+    dist_checkpointing.save(state, str(tmp))
+    _barrier()
+    if rank == 0:
+        old = final.with_name(final.name + ".old")
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_checkpoint(policy: Any, directory: str | Path, with_optimizer: bool = True) -> None:
+    """Loads weights (and optimizer/scheduler when present and asked for) at the policy's own layout."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_rl.errors import UserError
+
+    path = Path(directory)
+    if not (path / "metadata.json").is_file():
+        raise UserError(f"{path} is not a Megatron distributed checkpoint (no metadata.json).")
+    model_sd = _model_sharded_state_dict(policy)
+    state: dict[str, Any] = {"model": model_sd}
+    if with_optimizer and policy.optimizer is not None:
+        state["optimizer"] = policy.optimizer.sharded_state_dict(model_sd, is_loading=True)
+    loaded = dist_checkpointing.load(state, str(path))
+    chunks = _chunks(policy)
+    if len(chunks) == 1:
+        chunks[0].load_state_dict(loaded["model"])
+    else:
+        for i, c in enumerate(chunks):
+            c.load_state_dict(loaded["model"][f"model{i}"])
+    if with_optimizer and policy.optimizer is not None and "optimizer" in loaded:
+        policy.optimizer.load_state_dict(loaded["optimizer"])
+        if "scheduler" in loaded:
+            policy.scheduler.load_state_dict(loaded["scheduler"])
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

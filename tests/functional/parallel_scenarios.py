@@ -1,0 +1,127 @@
+"""Scenarios run inside spawned gloo worlds (imported by the child processes, so no pytest here)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from megatron_rl import distributed, platform
+from megatron_rl.models.hf_config import load_hf_config
+from megatron_rl.parallel import ParallelConfig
+from megatron_rl.policy.checkpoint import load_checkpoint, save_checkpoint
+from megatron_rl.policy.core import MegatronPolicy
+from megatron_rl.policy.optim import OptimConfig
+
+
+def fixed_batch(seed: int = 0, b: int = 2, s: int = 23, vocab: int = 300) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(5, vocab, (b, s), generator=g)
+
+
+def nll_loss(logprobs: torch.Tensor, mb: dict[str, Any]):
+    return -logprobs.sum(), logprobs.numel(), {"nll": -logprobs.mean().detach()}
+
+
+def full_logits(policy: MegatronPolicy, ids: torch.Tensor) -> torch.Tensor | None:
+    """Full-vocabulary logits gathered over TP on the last stage (tests only: the product never gathers)."""
+    from megatron.core import tensor_parallel
+
+    if policy.parallel.pp > 1:
+        return None
+    s = ids.shape[1]
+    pad = (-s) % policy.pad_multiple
+    padded = torch.nn.functional.pad(ids, (0, pad))
+    pos = torch.arange(padded.shape[1]).unsqueeze(0).expand(ids.shape[0], -1)
+    with torch.no_grad():
+        out = policy.model[0](padded, pos, platform.attention_mask(padded.shape[1]))
+    return tensor_parallel.gather_from_tensor_model_parallel_region(out)[:, :s].float()
+
+
+def _policy(model_dir: str, par: ParallelConfig, ckpt: str | None, lr: float = 1e-3) -> MegatronPolicy:
+    distributed.initialize(par, seed=1234)
+    policy = MegatronPolicy(load_hf_config(model_dir), par, OptimConfig(lr=lr, weight_decay=0.0))
+    if ckpt:
+        load_checkpoint(policy, ckpt, with_optimizer=False)
+    return policy
+
+
+def dense_equivalence(rank: int, model_dir: str, work: str) -> dict[str, Any]:
+    """world 2: TP1 (dp2) reference, then TP2+SP and PP2 on the same weights (via a torch_dist checkpoint)."""
+    ids = fixed_batch()
+    mbs = [{"input_ids": ids[:1]}, {"input_ids": ids[1:]}]
+    out: dict[str, Any] = {}
+
+    ref = _policy(model_dir, ParallelConfig(), None)
+    save_checkpoint(ref, f"{work}/ref", with_optimizer=False)
+    out["tp1_logits"] = full_logits(ref, ids)
+    out["tp1_logprobs"] = torch.cat(ref.logprobs(mbs))
+    # dp=2: each rank trains on the same two micro-batches, so the global loss equals the local one.
+    out["tp1_step"] = ref.train_step(mbs, nll_loss)
+
+    tp2 = _policy(model_dir, ParallelConfig(tp=2, sequence_parallel=True), f"{work}/ref")
+    out["tp2_logits"] = full_logits(tp2, ids)
+    out["tp2_logprobs"] = torch.cat(tp2.logprobs(mbs))
+    out["tp2_step"] = tp2.train_step(mbs, nll_loss)
+
+    pp2 = _policy(model_dir, ParallelConfig(pp=2), f"{work}/ref")
+    lp = pp2.logprobs(mbs)
+    out["pp2_logprobs"] = torch.cat(lp) if lp is not None else None
+    out["pp2_step"] = pp2.train_step(mbs, nll_loss)
+    # A few more optimizer steps on the same batch must lower the loss.
+    out["pp2_losses"] = [pp2.train_step(mbs, nll_loss)["loss"] for _ in range(4)]
+    distributed.destroy_model_parallel()
+    return out
+
+
+def moe_equivalence(rank: int, model_dir: str, work: str) -> dict[str, Any]:
+    """world 2: EP1 (dp2) vs EP2 and TP2+EP2+SP (etp=1) forward on the same weights."""
+    ids = fixed_batch(seed=1)
+    out: dict[str, Any] = {}
+    ref = _policy(model_dir, ParallelConfig(), None)
+    save_checkpoint(ref, f"{work}/moe_ref", with_optimizer=False)
+    out["ep1_logits"] = full_logits(ref, ids)
+    ep2 = _policy(model_dir, ParallelConfig(ep=2), f"{work}/moe_ref")
+    out["ep2_logits"] = full_logits(ep2, ids)
+    out["ep2_step"] = ep2.train_step([{"input_ids": ids}], nll_loss)
+    tp2ep2 = _policy(model_dir, ParallelConfig(tp=2, ep=2, etp=1, sequence_parallel=True), f"{work}/moe_ref")
+    out["tp2ep2_logits"] = full_logits(tp2ep2, ids)
+    distributed.destroy_model_parallel()
+    return out
+
+
+def vocab_parallel_logprobs_check(rank: int) -> dict[str, float]:
+    """world 2, tp=2: the vocab-parallel logprob (and its gradient) vs a plain full-vocab log_softmax."""
+    from megatron.core import parallel_state
+
+    from megatron_rl.policy.logprobs import vocab_parallel_logprobs
+
+    distributed.initialize(ParallelConfig(tp=2), seed=0)
+    g = torch.Generator().manual_seed(7)
+    full = (torch.randn(3, 11, 64, generator=g) * 4).requires_grad_(True)
+    target = torch.randint(0, 64, (3, 11), generator=g)
+    weight = torch.randn(3, 11, generator=g)
+    ref = torch.log_softmax(full, -1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    (ref * weight).sum().backward()
+    shard = full.detach()[..., rank * 32 : (rank + 1) * 32].clone().requires_grad_(True)
+    got = vocab_parallel_logprobs(shard, target, parallel_state.get_tensor_model_parallel_group())
+    (got * weight).sum().backward()
+    distributed.destroy_model_parallel()
+    return {
+        "value_err": (got - ref).abs().max().item(),
+        "grad_err": (shard.grad - full.grad[..., rank * 32 : (rank + 1) * 32]).abs().max().item(),
+    }
+
+
+def build_every_architecture(rank: int, model_dirs: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """world 2: each architecture builds (TP2+SP, EP2 for MoE), runs forward/backward, finite grads."""
+    out = {}
+    for arch, path in model_dirs.items():
+        moe = arch in ("qwen3_moe", "mixtral")
+        par = ParallelConfig(tp=2, sequence_parallel=True, ep=2 if moe else 1, etp=1 if moe else None)
+        policy = _policy(path, par, None)
+        metrics = policy.train_step([{"input_ids": fixed_batch(b=2, s=16)}], nll_loss)
+        names = [n for n, _ in policy.named_parameters()]
+        out[arch] = {"loss": metrics["loss"], "grad_norm": metrics["grad_norm"], "names": names}
+    distributed.destroy_model_parallel()
+    return out
