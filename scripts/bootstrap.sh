@@ -17,9 +17,11 @@ if [ ! -x .venv/bin/python ]; then
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[bootstrap] installing $lock into .venv (a few minutes the first time)" >&2
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q --no-deps -r "$lock"
-  .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+  # (pip's notes about this machine's empty local index folders are noise; errors still show.)
+  quiet() { "$@" 2>&1 | { grep -v "^WARNING: Location 'file:" || true; }; }
+  quiet .venv/bin/python -m pip install -q --upgrade pip
+  quiet .venv/bin/python -m pip install -q --no-deps -r "$lock"
+  quiet .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
   echo "$want" > "$stamp"
 else
   echo "[bootstrap] .venv is up to date" >&2

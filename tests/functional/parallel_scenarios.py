@@ -38,9 +38,35 @@ def full_logits(policy: MegatronPolicy, ids: torch.Tensor) -> torch.Tensor | Non
     return tensor_parallel.gather_from_tensor_model_parallel_region(out)[:, :s].float()
 
 
-def _policy(model_dir: str, par: ParallelConfig, ckpt: str | None, lr: float = 1e-3) -> MegatronPolicy:
+def gathered_grads(policy: MegatronPolicy) -> dict[str, torch.Tensor]:
+    """Every parameter's gradient in the TP=1 layout (tests only), gathered over the TP group."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    tp = dist.get_world_size(group)
+    grads = {}
+    for name, p in policy.named_parameters():
+        g = p.main_grad.detach().clone()
+        if tp > 1 and getattr(p, "tensor_model_parallel", False):
+            parts = [torch.empty_like(g) for _ in range(tp)]
+            dist.all_gather(parts, g.contiguous(), group=group)
+            if name.endswith("linear_fc1.weight"):
+                # Each rank holds [gate_r; up_r]; the TP=1 tensor is [gate; up].
+                halves = [part.chunk(2) for part in parts]
+                parts = [h[0] for h in halves] + [h[1] for h in halves]
+                g = torch.cat(parts, 0)
+            else:
+                g = torch.cat(parts, p.partition_dim)
+        grads[name] = g
+    return grads
+
+
+def _policy(model_dir: str, par: ParallelConfig, ckpt: str | None, lr: float = 1e-3,
+            sharded_optimizer: bool = True) -> MegatronPolicy:
     distributed.initialize(par, seed=1234)
-    policy = MegatronPolicy(load_hf_config(model_dir), par, OptimConfig(lr=lr, weight_decay=0.0))
+    optim = OptimConfig(lr=lr, weight_decay=0.0, use_distributed_optimizer=sharded_optimizer)
+    policy = MegatronPolicy(load_hf_config(model_dir), par, optim)
     if ckpt:
         load_checkpoint(policy, ckpt, with_optimizer=False)
     return policy
@@ -52,17 +78,24 @@ def dense_equivalence(rank: int, model_dir: str, work: str) -> dict[str, Any]:
     mbs = [{"input_ids": ids[:1]}, {"input_ids": ids[1:]}]
     out: dict[str, Any] = {}
 
-    ref = _policy(model_dir, ParallelConfig(), None)
+    # The distributed optimizer leaves each DP rank only its shard of the reduced gradient in main_grad,
+    # so the reference that we read gradients from keeps whole gradients.
+    ref = _policy(model_dir, ParallelConfig(), None, sharded_optimizer=False)
     save_checkpoint(ref, f"{work}/ref", with_optimizer=False)
     out["tp1_logits"] = full_logits(ref, ids)
     out["tp1_logprobs"] = torch.cat(ref.logprobs(mbs))
     # dp=2: each rank trains on the same two micro-batches, so the global loss equals the local one.
     out["tp1_step"] = ref.train_step(mbs, nll_loss)
+    tp1_grads = gathered_grads(ref)
 
     tp2 = _policy(model_dir, ParallelConfig(tp=2, sequence_parallel=True), f"{work}/ref")
     out["tp2_logits"] = full_logits(tp2, ids)
     out["tp2_logprobs"] = torch.cat(tp2.logprobs(mbs))
     out["tp2_step"] = tp2.train_step(mbs, nll_loss)
+    tp2_grads = gathered_grads(tp2)
+    assert tp1_grads.keys() == tp2_grads.keys()
+    out["grad_max_abs_diff"] = max((tp1_grads[k] - tp2_grads[k]).abs().max().item() for k in tp1_grads)
+    out["grad_max_abs"] = max(g.abs().max().item() for g in tp1_grads.values())
 
     pp2 = _policy(model_dir, ParallelConfig(pp=2), f"{work}/ref")
     lp = pp2.logprobs(mbs)
