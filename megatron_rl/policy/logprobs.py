@@ -51,6 +51,9 @@ def vocab_parallel_logprobs(logits: torch.Tensor, target: torch.Tensor, tp_group
     """
     if tp_group is not None and dist.get_world_size(tp_group) == 1:
         tp_group = None
+    if tp_group is None:
+        # Whole vocabulary local: torch's fused log_softmax backward is cheaper than the generic path.
+        return torch.log_softmax(logits.float(), dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
     rank = dist.get_rank(tp_group) if tp_group is not None else 0
     vocab_start = rank * logits.shape[-1]
     return _VocabParallelLogprob.apply(logits, target, vocab_start, tp_group)

@@ -1,0 +1,88 @@
+"""The policy as the controller sees it: Ray actors in a placement group forming one Megatron world."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from megatron_rl.grpo.policy_worker import PolicySpec, PolicyWorker
+from megatron_rl.grpo.ray_utils import gather, remote_class
+
+
+class PolicyGroup:
+    def __init__(self, spec: PolicySpec, world_size: int, gpus_per_rank: float, cpus_per_rank: float,
+                 timeout_s: float = 1800) -> None:
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self.spec, self.world_size, self.timeout_s = spec, world_size, timeout_s
+        self.dp = spec.parallel.check_world(world_size)
+        bundle = {"CPU": cpus_per_rank, **({"GPU": gpus_per_rank} if gpus_per_rank else {})}
+        self.pg = placement_group([dict(bundle) for _ in range(world_size)], strategy="PACK")
+        gather([self.pg.ready()], "placing policy ranks", timeout_s)
+        actor_cls = remote_class(PolicyWorker)
+        self.workers = [
+            actor_cls.options(
+                num_cpus=cpus_per_rank,
+                num_gpus=gpus_per_rank,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
+            ).remote(r, world_size, spec)
+            for r in range(world_size)
+        ]
+        addr, port = gather([self.workers[0].address.remote()], "policy rank 0 address", timeout_s)[0]
+        threads = max(1, int(cpus_per_rank)) if gpus_per_rank else max(1, int(round(cpus_per_rank)))
+        info = gather([w.setup.remote(addr, port, threads) for w in self.workers], "policy setup", timeout_s)
+        # Every rank of a DP group (its TP/PP/CP peers) must see the same shard; Megatron says which.
+        self.dp_rank = [i["dp_rank"] for i in info]
+
+    def _dp_rank_of(self, rank: int) -> int:
+        return self.dp_rank[rank]
+
+    def _shards(self, seqs: list[dict[str, Any]]) -> list[list[int]]:
+        """Balances sequences over DP ranks by tokens (longest first to the lightest shard)."""
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]["ids"]))
+        shards: list[list[int]] = [[] for _ in range(self.dp)]
+        loads = [0] * self.dp
+        for i in order:
+            d = loads.index(min(loads))
+            shards[d].append(i)
+            loads[d] += len(seqs[i]["ids"])
+        if any(not s for s in shards):
+            raise ValueError(f"{len(seqs)} sequences cannot fill {self.dp} data-parallel ranks")
+        return [sorted(s) for s in shards]
+
+    def logprobs(self, seqs: list[dict[str, Any]], reference: bool = False) -> list[torch.Tensor]:
+        shards = self._shards(seqs)
+        refs = [w.logprobs.remote([seqs[i] for i in shards[self._dp_rank_of(r)]], reference)
+                for r, w in enumerate(self.workers)]
+        results = gather(refs, "logprobs", self.timeout_s)
+        out: list[torch.Tensor | None] = [None] * len(seqs)
+        for r, res in enumerate(results):
+            if res is not None:
+                for i, lp in zip(shards[self._dp_rank_of(r)], res):
+                    out[i] = lp
+        return out  # type: ignore[return-value]
+
+    def train(self, seqs: list[dict[str, Any]], loss_name: str, loss_kwargs: dict[str, Any]) -> dict[str, float]:
+        shards = self._shards(seqs)
+        refs = [w.train.remote([seqs[i] for i in shards[self._dp_rank_of(r)]], loss_name, loss_kwargs)
+                for r, w in enumerate(self.workers)]
+        return gather(refs, "train step", self.timeout_s)[0]
+
+    def save(self, directory: str) -> None:
+        gather([w.save.remote(directory) for w in self.workers], "checkpoint save", self.timeout_s)
+
+    def load(self, directory: str) -> None:
+        gather([w.load.remote(directory) for w in self.workers], "checkpoint load", self.timeout_s)
+
+    def hf_weights(self) -> list[tuple[str, torch.Tensor]]:
+        return gather([w.hf_weights.remote() for w in self.workers], "weight export", self.timeout_s)[0]
+
+    def shutdown(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for w in self.workers:
+            ray.kill(w)
+        remove_placement_group(self.pg)

@@ -1,0 +1,147 @@
+"""One Megatron rank as a Ray actor, and the group of them that the controller drives as one policy.
+
+Every rank of a data-parallel group receives the same shard of sequences and packs it the same way, so
+tensor/pipeline peers see identical micro-batches. Results come back from the last pipeline stage.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from megatron_rl.parallel import ParallelConfig
+from megatron_rl.policy.optim import OptimConfig
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class PolicySpec:
+    hf_dir: str
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: Any = field(default_factory=OptimConfig)
+    dtype: str = "fp32"
+    seed: int = 1234
+    micro_batch_tokens: int = 4096
+    keep_reference: bool = False
+
+
+def collate(seqs: list[dict[str, Any]], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Pads sequences into one micro-batch: input_ids [b, s]; per-token fields [b, s-1] (zeros past the end)."""
+    width = max(len(s["ids"]) for s in seqs)
+    out: dict[str, torch.Tensor] = {
+        "input_ids": torch.full((len(seqs), width), pad_id, dtype=torch.long),
+    }
+    for i, s in enumerate(seqs):
+        out["input_ids"][i, : len(s["ids"])] = s["ids"]
+    token_keys = [k for k, v in seqs[0].items() if k != "ids" and torch.is_tensor(v) and v.dim() == 1]
+    for k in token_keys:
+        out[k] = torch.zeros(len(seqs), width - 1, dtype=torch.float32)
+        for i, s in enumerate(seqs):
+            out[k][i, : len(s[k])] = s[k]
+    for k, v in seqs[0].items():
+        if k not in token_keys and k != "ids" and isinstance(v, (int, float)):
+            out[k] = torch.tensor([float(s[k]) for s in seqs])
+    return out
+
+
+def micro_batches(seqs: list[dict[str, Any]], token_budget: int) -> list[dict[str, torch.Tensor]]:
+    from megatron_rl.data.packing import pack_by_token_budget
+
+    groups = pack_by_token_budget([len(s["ids"]) for s in seqs], token_budget)
+    return [dict(collate([seqs[i] for i in g]), index=torch.tensor(g)) for g in groups]
+
+
+class PolicyWorker:
+    """Lives in a Ray actor; owns one Megatron rank."""
+
+    def __init__(self, rank: int, world_size: int, spec: PolicySpec) -> None:
+        self.rank, self.world_size, self.spec = rank, world_size, spec
+        self.policy: Any = None
+        self.reference: dict[str, torch.Tensor] | None = None
+
+    def address(self) -> tuple[str, int]:
+        import ray
+
+        from megatron_rl.distributed import free_port
+
+        return ray.util.get_node_ip_address(), free_port()
+
+    def setup(self, master_addr: str, master_port: int, threads: int) -> dict[str, Any]:
+        from megatron_rl import distributed
+        from megatron_rl.models.hf_config import load_hf_config
+        from megatron_rl.policy.core import MegatronPolicy
+
+        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), MASTER_ADDR=master_addr,
+                          MASTER_PORT=str(master_port), LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"))
+        torch.set_num_threads(max(1, threads))
+        distributed.initialize(self.spec.parallel, seed=self.spec.seed)
+        self.policy = MegatronPolicy(load_hf_config(self.spec.hf_dir), self.spec.parallel, self.spec.optim,
+                                     DTYPES[self.spec.dtype])
+        from checkpoint_converters import load_hf_weights
+
+        load_hf_weights(self.policy.model, self.spec.hf_dir)
+        if self.spec.keep_reference:
+            # The frozen reference lives in host memory and is swapped in only for its forward pass.
+            self.reference = {n: p.detach().to("cpu", copy=True) for n, p in self.policy.named_parameters()}
+        from megatron.core import parallel_state
+
+        return {"rank": self.rank, "dp_rank": parallel_state.get_data_parallel_rank()}
+
+    def _swap(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        previous = {}
+        with torch.no_grad():
+            for name, p in self.policy.named_parameters():
+                previous[name] = p.detach().to("cpu", copy=True)
+                p.copy_(weights[name])
+        return previous
+
+    def logprobs(self, seqs: list[dict[str, Any]], reference: bool = False) -> list[torch.Tensor] | None:
+        """Per-sequence token logprobs [len-1] on output ranks (tp rank 0 of the last stage), else None."""
+        from megatron.core import parallel_state
+
+        mbs = micro_batches(seqs, self.spec.micro_batch_tokens)
+        saved = self._swap(self.reference) if reference else None
+        try:
+            per_mb = self.policy.logprobs(mbs)
+        finally:
+            if saved is not None:
+                self._swap(saved)
+        if per_mb is None or parallel_state.get_tensor_model_parallel_rank() != 0:
+            return None
+        out: list[torch.Tensor | None] = [None] * len(seqs)
+        for mb, lp in zip(mbs, per_mb):
+            for row, i in enumerate(mb["index"].tolist()):
+                out[i] = lp[row, : len(seqs[i]["ids"]) - 1].clone()
+        return out  # type: ignore[return-value]
+
+    def train(self, seqs: list[dict[str, Any]], loss_name: str, loss_kwargs: dict[str, Any]) -> dict[str, float]:
+        from megatron_rl.algorithms.registry import get_policy_loss
+
+        loss = get_policy_loss(loss_name)
+        mbs = micro_batches(seqs, self.spec.micro_batch_tokens)
+
+        def loss_fn(logprobs: torch.Tensor, mb: dict[str, torch.Tensor]):
+            return loss(logprobs, mb, **loss_kwargs)
+
+        return self.policy.train_step(mbs, loss_fn)
+
+    def save(self, directory: str) -> None:
+        from megatron_rl.policy.checkpoint import save_checkpoint
+
+        save_checkpoint(self.policy, directory)
+
+    def load(self, directory: str) -> None:
+        from megatron_rl.policy.checkpoint import load_checkpoint
+
+        load_checkpoint(self.policy, directory)
+
+    def hf_weights(self) -> list[tuple[str, torch.Tensor]] | None:
+        """All weights in HF names and layout (gathered over TP/EP/PP); returned by rank 0 only."""
+        from checkpoint_converters import export_hf_weights
+
+        items = list(export_hf_weights(self.policy.model))
+        return items if self.rank == 0 else None
