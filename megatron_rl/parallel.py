@@ -66,9 +66,10 @@ def validate_layout(par: ParallelConfig, shape: ModelShape, world_size: int) -> 
             f"attention heads ({shape.num_attention_heads}) are not divisible by tp={par.tp}: "
             f"choose tp among {_divisors(shape.num_attention_heads)}"
         )
-    if shape.num_query_groups % par.tp and par.tp % shape.num_query_groups:
+    if shape.num_query_groups % par.tp:
         problems.append(
-            f"key/value heads ({shape.num_query_groups}) and tp={par.tp}: one must divide the other"
+            f"key/value heads ({shape.num_query_groups}) are not divisible by tp={par.tp}: "
+            f"choose tp among {_divisors(shape.num_query_groups)}"
         )
     if shape.vocab_size % par.tp:
         problems.append(f"vocab size ({shape.vocab_size}) is not divisible by tp={par.tp}")

@@ -56,5 +56,7 @@ def build_model_with_config(
             rope_scaling_factor=info.rope_scaling_factor,
             vp_stage=vp,
         )
+        # Converters and refit look the mapping table up by this name.
+        model.hf_architecture = info.architecture
         chunks.append(model.to(platform.device()))
     return chunks, config, info

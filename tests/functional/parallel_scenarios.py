@@ -158,3 +158,42 @@ def build_every_architecture(rank: int, model_dirs: dict[str, str]) -> dict[str,
         out[arch] = {"loss": metrics["loss"], "grad_norm": metrics["grad_norm"], "names": names}
     distributed.destroy_model_parallel()
     return out
+
+
+def hf_roundtrip(rank: int, model_dirs: dict[str, str], layouts: dict[str, list[dict[str, Any]]]) -> dict:
+    """For each arch and layout: load HF weights, compare logits with transformers (rank 0 compares),
+    and export back to HF names (bit-exact round trip)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from checkpoint_converters import export_hf_weights, load_hf_weights
+
+    out: dict[str, Any] = {}
+    for arch, path in model_dirs.items():
+        ids = fixed_batch(seed=3, b=2, s=20)
+        with torch.no_grad():
+            hf_logits = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)(ids).logits
+        original = load_file(f"{path}/model.safetensors")
+        for layout in layouts[arch]:
+            par = ParallelConfig(**layout)
+            policy = _policy(path, par, None)
+            load_hf_weights(policy.model, path)
+            exported = dict(export_hf_weights(policy.model))
+            key = f"{arch}:{layout}"
+            res: dict[str, Any] = {}
+            lp = policy.logprobs([{"input_ids": ids}])
+            if lp is not None:
+                ref = torch.log_softmax(hf_logits, -1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+                res["logprob_err"] = (lp[0] - ref).abs().max().item()
+            logits = full_logits(policy, ids)
+            if logits is not None and rank == 0:
+                res["logit_err"] = (logits - hf_logits).abs().max().item()
+                res["top1_equal"] = bool((logits.argmax(-1) == hf_logits.argmax(-1)).all())
+            if rank == 0:
+                res["missing"] = sorted(set(original) - set(exported))
+                res["extra"] = sorted(set(exported) - set(original))
+                res["max_diff"] = max((original[k] - exported[k]).abs().max().item()
+                                      for k in original if k in exported)
+            out[key] = res
+    distributed.destroy_model_parallel()
+    return out

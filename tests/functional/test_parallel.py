@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from megatron_rl import distributed
 from megatron_rl.models.tiny import save_tiny_checkpoint

@@ -1,0 +1,214 @@
+"""Live models: load HF weights into this rank's Megatron shards, and export HF tensors from a sharded model.
+
+Both walk the model's own parameters and resolve each through the architecture's mapping table, so the
+same table drives offline conversion and per-step refit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from checkpoint_converters.hf_io import HFCheckpoint
+from checkpoint_converters.mapping import ArchMapping, Rule, mapping_for, resolve
+from checkpoint_converters.transforms import to_hf, to_megatron
+from megatron_rl.errors import UserError
+
+_TIED_OUTPUT = Rule("output_layer.weight", ("model.embed_tokens.weight",), "row")
+
+
+def _unwrap(module: Any) -> Any:
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+def _context(chunk: Any) -> dict[str, Any]:
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    cfg = chunk.config
+    experts = cfg.num_moe_experts or 0
+    ep = ps.get_expert_model_parallel_world_size()
+    return {
+        "layer_offset": get_transformer_layer_offset(cfg, vp_stage=getattr(chunk, "vp_stage", None)),
+        "expert_offset": ps.get_expert_model_parallel_rank() * (experts // ep if experts else 0),
+        "heads": cfg.num_attention_heads,
+        "groups": cfg.num_query_groups,
+        "tied": chunk.share_embeddings_and_output_weights,
+    }
+
+
+def _tp(expert: bool) -> tuple[int, int, Any]:
+    from megatron.core import parallel_state as ps
+
+    if expert:
+        return (ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size(),
+                ps.get_expert_tensor_parallel_group())
+    return (ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size(),
+            ps.get_tensor_model_parallel_group())
+
+
+def _resolve(mapping: ArchMapping, name: str, ctx: dict[str, Any], for_load: bool):
+    resolved = resolve(mapping, name, ctx["layer_offset"], ctx["expert_offset"], ctx["tied"])
+    if resolved is None and for_load:  # tied output layer copy on the last stage: load the embedding
+        return _TIED_OUTPUT, _TIED_OUTPUT.hf
+    return (resolved.rule, resolved.hf_names) if resolved else None
+
+
+def allowed_hf_names(mapping: ArchMapping, hf_config: dict[str, Any]) -> set[str]:
+    layers = hf_config["num_hidden_layers"]
+    experts = hf_config.get("num_experts") or hf_config.get("num_local_experts") or 0
+    names = set()
+    for rule in mapping.rules:
+        for L in range(layers if "{L}" in rule.megatron else 1):
+            for E in range(experts if rule.expert else 1):
+                names.update(h.format(L=L, E=E) for h in rule.hf)
+    return names
+
+
+def check_no_unexpected(ckpt: HFCheckpoint, mapping: ArchMapping, hf_config: dict[str, Any]) -> None:
+    extra = sorted(set(ckpt.names()) - allowed_hf_names(mapping, hf_config))
+    if extra:
+        raise UserError(
+            f"{len(extra)} unexpected tensor(s) in {ckpt.dir} for {hf_config['architectures'][0]}, e.g. "
+            f"{extra[0]!r} in {ckpt.location[extra[0]]}: the checkpoint does not match its config.json."
+        )
+
+
+def load_hf_weights(chunks: list[Any], hf_dir: str | Path) -> None:
+    """Copies this rank's shard of every parameter from an HF checkpoint (each rank reads only its tensors)."""
+    from megatron_rl.models.hf_config import architecture_of, load_hf_config
+
+    hf_config = load_hf_config(hf_dir)
+    mapping = mapping_for(architecture_of(hf_config))
+    ckpt = HFCheckpoint(hf_dir)
+    check_no_unexpected(ckpt, mapping, hf_config)
+    for chunk in chunks:
+        model = _unwrap(chunk)
+        ctx = _context(model)
+        for name, param in model.named_parameters():
+            rule, hf_names = _resolve(mapping, name, ctx, for_load=True)
+            rank, size, _ = _tp(rule.expert)
+            tensors = [ckpt.get(n) for n in hf_names]
+            try:
+                shard = to_megatron(rule.kind, tensors, rank, size, ctx["heads"], ctx["groups"])
+            except RuntimeError as exc:
+                raise UserError(f"Tensor(s) {list(hf_names)} in {ckpt.dir} have shapes "
+                                f"{[tuple(t.shape) for t in tensors]} that do not fit {name} ({exc}).") from exc
+            if shard.shape != param.shape:
+                where = ckpt.location.get(hf_names[0], "?")
+                raise UserError(
+                    f"Tensor {hf_names[0]!r} in {ckpt.dir / where} has shape {tuple(tensors[0].shape)}, which "
+                    f"gives {tuple(shard.shape)} for {name} but the model expects {tuple(param.shape)}."
+                )
+            with torch.no_grad():
+                param.copy_(shard)
+
+
+def _entries(chunks: list[Any], mapping: ArchMapping) -> list[dict[str, Any]]:
+    """What this rank owns after the TP gather (tp/etp rank 0 of data-parallel replica 0)."""
+    from megatron.core import parallel_state as ps
+
+    out = []
+    for c, chunk in enumerate(chunks):
+        model = _unwrap(chunk)
+        ctx = _context(model)
+        for name, _ in model.named_parameters():
+            resolved = _resolve(mapping, name, ctx, for_load=False)
+            if resolved is None:
+                continue
+            rule, hf_names = resolved
+            tp_rank, _, group = _tp(rule.expert)
+            dp_rank = (ps.get_expert_data_parallel_rank() if rule.expert else ps.get_data_parallel_rank())
+            owner = tp_rank == 0 and dp_rank == 0 and ps.get_context_parallel_rank() == 0
+            out.append({"chunk": c, "name": name, "expert": rule.expert, "kind": rule.kind, "hf": hf_names,
+                        "owner": owner, "heads": ctx["heads"], "groups": ctx["groups"]})
+    return out
+
+
+def export_hf_weights(chunks: list[Any], *, grads: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yields (hf_name, full tensor) on global rank 0; every rank must iterate it (collectives inside).
+
+    `grads=True` exports gradients (DDP's main_grad, else .grad) in the same HF names and layout.
+    """
+    mapping = _mapping_from_model(_unwrap(chunks[0]))
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    mine = _entries(chunks, mapping)
+    params = {(e["chunk"], e["name"]): p for e in mine
+              for p in [dict(_unwrap(chunks[e["chunk"]]).named_parameters())[e["name"]]]}
+    if world > 1:
+        every: list[Any] = [None] * world
+        dist.all_gather_object(every, [(e["chunk"], e["name"], e["hf"], e["owner"]) for e in mine])
+    else:
+        every = [[(e["chunk"], e["name"], e["hf"], e["owner"]) for e in mine]]
+    by_key = {(e["chunk"], e["name"]): e for e in mine}
+    seen: set[tuple[str, ...]] = set()
+    for src, listing in enumerate(every):
+        for chunk_idx, name, hf_names, owner in listing:
+            if not owner or tuple(hf_names) in seen:
+                continue
+            seen.add(tuple(hf_names))
+            tensors = None
+            entry = by_key.get((chunk_idx, name))
+            # The owner's TP peers hold the other shards of the same (chunk, name).
+            if entry is not None and _same_tp_group_as(src, entry["expert"]):
+                tensors = _gather_tp(params[(chunk_idx, name)], entry, grads)
+            if src == 0:
+                if rank == 0:
+                    yield from zip(hf_names, tensors)
+                continue
+            for i, hf_name in enumerate(hf_names):
+                if rank == src:
+                    meta = torch.tensor(list(tensors[i].shape) + [-1] * (4 - tensors[i].dim()))
+                    dist.send(meta, dst=0)
+                    dist.send(tensors[i].contiguous(), dst=0)
+                elif rank == 0:
+                    meta = torch.empty(4, dtype=torch.long)
+                    dist.recv(meta, src=src)
+                    shape = [int(x) for x in meta if x >= 0]
+                    buf = torch.empty(shape, dtype=_export_dtype(chunks, grads))
+                    dist.recv(buf, src=src)
+                    yield hf_name, buf
+
+
+def _export_dtype(chunks: list[Any], grads: bool) -> torch.dtype:
+    p = next(_unwrap(chunks[0]).parameters())
+    return (getattr(p, "main_grad", None).dtype if grads and getattr(p, "main_grad", None) is not None
+            else p.dtype)
+
+
+def _same_tp_group_as(src: int, expert: bool) -> bool:
+    if not dist.is_initialized():
+        return True
+    _, _, group = _tp(expert)
+    return src in dist.get_process_group_ranks(group)
+
+
+def _gather_tp(param: torch.nn.Parameter, entry: dict[str, Any], grads: bool) -> list[torch.Tensor]:
+    if grads:
+        value = getattr(param, "main_grad", None)
+        value = param.grad if value is None else value
+    else:
+        value = param.data
+    value = value.detach()
+    _, size, group = _tp(entry["expert"])
+    if size > 1 and entry["kind"] != "replicated":
+        shards = [torch.empty_like(value) for _ in range(size)]
+        dist.all_gather(shards, value.contiguous(), group=group)
+    else:
+        shards = [value]
+    return [t.cpu() for t in to_hf(entry["kind"], shards, entry["heads"], entry["groups"])]
+
+
+def _mapping_from_model(model: Any) -> ArchMapping:
+    arch = getattr(model, "hf_architecture", None)
+    if arch is None:
+        raise UserError("The model does not record its Hugging Face architecture; build it with "
+                        "megatron_rl.models.builder.build_model.")
+    return mapping_for(arch)
