@@ -104,6 +104,7 @@ class ShardedWriter:
             os.replace(self.dir / f"shard-{i:05d}.safetensors", self.dir / final)
             for name in names:
                 self.weight_map[name] = final
+        self.files = [self.dir / f for f in dict.fromkeys(self.weight_map.values())]
         if n > 1:
             index = {"metadata": {"total_size": self.total}, "weight_map": self.weight_map}
             (self.dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

@@ -79,6 +79,10 @@ class PolicyGroup:
     def hf_weights(self) -> list[tuple[str, torch.Tensor]]:
         return gather([w.hf_weights.remote() for w in self.workers], "weight export", self.timeout_s)[0]
 
+    def write_hf_buckets(self, directory: str, bucket_mb: int) -> tuple[list[str], int]:
+        refs = [w.write_hf_buckets.remote(directory, bucket_mb) for w in self.workers]
+        return gather(refs, "weight export", self.timeout_s)[0]
+
     def shutdown(self) -> None:
         import ray
         from ray.util.placement_group import remove_placement_group

@@ -139,6 +139,21 @@ class PolicyWorker:
 
         load_checkpoint(self.policy, directory)
 
+    def write_hf_buckets(self, directory: str, bucket_mb: int) -> tuple[list[str], int]:
+        """Every rank joins the gather; rank 0 writes safetensors buckets of ~bucket_mb and lists them."""
+        from pathlib import Path
+
+        from checkpoint_converters import export_hf_weights
+        from checkpoint_converters.hf_io import ShardedWriter
+
+        writer = ShardedWriter(Path(directory), shard_bytes=bucket_mb * 1024 * 1024)
+        for name, tensor in export_hf_weights(self.policy.model):
+            writer.add(name, tensor)
+        if self.rank != 0:
+            return [], 0
+        writer.close()
+        return [str(f) for f in writer.files], writer.total
+
     def hf_weights(self) -> list[tuple[str, torch.Tensor]] | None:
         """All weights in HF names and layout (gathered over TP/EP/PP); returned by rank 0 only."""
         from checkpoint_converters import export_hf_weights

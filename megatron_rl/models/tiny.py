@@ -72,19 +72,22 @@ def tiny_config(arch: str = "llama", **overrides: Any) -> dict[str, Any]:
     return cfg
 
 
-def build_tokenizer():
-    """A byte-level tokenizer (256 byte tokens + chat specials) as a transformers fast tokenizer."""
+def build_tokenizer(vocab_size: int = 384):
+    """A byte-level tokenizer (256 byte tokens + chat specials) as a transformers fast tokenizer, padded with
+    reserved special tokens to `vocab_size` so every id a model can sample decodes."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    byte_chars = pre_tokenizers.ByteLevel.alphabet()
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
-    for ch in sorted(byte_chars):
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
         vocab[ch] = len(vocab)
+    reserved = [f"<|reserved_{i}|>" for i in range(vocab_size - len(vocab))]
+    for name in reserved:
+        vocab[name] = len(vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(SPECIAL_TOKENS)
+    tok.add_special_tokens(SPECIAL_TOKENS + reserved)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<|bos|>",
