@@ -108,3 +108,32 @@ class ShardedWriter:
         if n > 1:
             index = {"metadata": {"total_size": self.total}, "weight_map": self.weight_map}
             (self.dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt")
+
+
+def write_hf_checkpoint(items, template_dir: str | Path, out_dir: str | Path, overwrite: bool = False,
+                        shard_bytes: int = 2 * 1024**3) -> Path:
+    """Streams (name, tensor) pairs into sharded safetensors plus config/tokenizer files copied from
+    `template_dir`. Written to `<out>.tmp` and renamed into place only when complete."""
+    import shutil
+
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise UserError(f"Output directory {out} already exists; pass --overwrite to replace it.")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    writer = ShardedWriter(tmp, shard_bytes)
+    for name, tensor in items:
+        writer.add(name, tensor)
+    writer.close()
+    for f in _SIDE_FILES:
+        if (Path(template_dir) / f).is_file():
+            shutil.copy2(Path(template_dir) / f, tmp / f)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out

@@ -32,6 +32,15 @@ def device() -> torch.device:
     return torch.device("cpu") if use_cpu() else torch.device("cuda", torch.cuda.current_device())
 
 
+def peak_memory_gb() -> float:
+    """Peak accelerator memory of this process (GPU), else its peak resident set size (CPU)."""
+    if not use_cpu():
+        return torch.cuda.max_memory_allocated() / 1024**3
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB
+
+
 def attention_mask(seq_len: int, dev: torch.device | str = "cpu") -> torch.Tensor | None:
     """Causal mask for Megatron attention: explicit on CPU (the default one is built on "cuda"),
     None on GPU where the fused kernels apply causality themselves."""

@@ -68,11 +68,11 @@ class Rollouts:
         for i, (prompt, response) in enumerate(zip(self.prompt_ids, self.response_ids)):
             ids = torch.tensor(prompt + response, dtype=torch.long)
             n = len(ids) - 1
-            mask = torch.zeros(n)
-            engine = torch.zeros(n)
+            mask, engine, resp = torch.zeros(n), torch.zeros(n), torch.zeros(n)
             start = len(prompt) - 1
             keep = not (mask_truncated and self.finish_reasons[i] == "length")
             mask[start : start + len(response)] = 1.0 if keep else 0.0
+            resp[start : start + len(response)] = 1.0
             engine[start : start + len(response)] = torch.tensor(self.engine_logprobs[i], dtype=torch.float32)
-            seqs.append({"ids": ids, "mask": mask, "engine_lp": engine, "adv": float(self.advantages[i])})
+            seqs.append({"ids": ids, "mask": mask, "engine_lp": engine, "resp": resp, "adv": float(self.advantages[i])})
         return seqs

@@ -81,9 +81,7 @@ class PolicyWorker:
         distributed.initialize(self.spec.parallel, seed=self.spec.seed)
         self.policy = MegatronPolicy(load_hf_config(self.spec.hf_dir), self.spec.parallel, self.spec.optim,
                                      DTYPES[self.spec.dtype])
-        from checkpoint_converters import load_hf_weights
-
-        load_hf_weights(self.policy.model, self.spec.hf_dir)
+        self.policy.load_hf(self.spec.hf_dir)
         if self.spec.keep_reference:
             # The frozen reference lives in host memory and is swapped in only for its forward pass.
             self.reference = {n: p.detach().to("cpu", copy=True) for n, p in self.policy.named_parameters()}
@@ -127,7 +125,11 @@ class PolicyWorker:
         def loss_fn(logprobs: torch.Tensor, mb: dict[str, torch.Tensor]):
             return loss(logprobs, mb, **loss_kwargs)
 
-        return self.policy.train_step(mbs, loss_fn)
+        from megatron_rl import platform
+
+        metrics = self.policy.train_step(mbs, loss_fn)
+        metrics["memory/peak_gb"] = platform.peak_memory_gb()
+        return metrics
 
     def save(self, directory: str) -> None:
         from megatron_rl.policy.checkpoint import save_checkpoint

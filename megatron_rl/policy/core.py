@@ -63,6 +63,15 @@ class MegatronPolicy:
         self.config.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
         self.config.grad_scale_func = self.optimizer.scale_loss
 
+    def load_hf(self, hf_dir: str) -> None:
+        """This rank's shards from a Hugging Face checkpoint (streaming, only the tensors it needs)."""
+        from checkpoint_converters import load_hf_weights
+
+        load_hf_weights(self.model, hf_dir)
+        if self.optimizer is not None:
+            # bf16 training keeps fp32 master copies; refresh them from the loaded weights.
+            self.optimizer.reload_model_params()
+
     # ----------------------------------------------------------------------------------------------
     def is_output_rank(self) -> bool:
         """The last pipeline stage holds logprobs and losses."""

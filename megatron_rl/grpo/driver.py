@@ -1,0 +1,101 @@
+"""The GRPO controller: one process drives Megatron policy ranks and a vLLM engine through Ray."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Any
+
+from megatron_rl.algorithms.registry import get_advantage
+from megatron_rl.config.schema import world_size
+from megatron_rl.data.prompts import build_prompt_dataset
+from megatron_rl.environments.base import make_environment
+from megatron_rl.generation.base import token_mult_prob_error
+from megatron_rl.grpo import rollout
+from megatron_rl.grpo.setup import build_engine, build_policy, prepare_model, progress_bar
+from megatron_rl.grpo.ray_utils import init_ray
+from megatron_rl.training.run_dir import RunDir
+
+
+class Timer(dict):
+    @contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        yield
+        self[f"timing/{phase}_s"] = time.perf_counter() - start
+
+
+def run(cfg: Any) -> int:
+    from transformers import AutoTokenizer
+
+    run_dir = RunDir(cfg)
+    init_ray(num_cpus=max(2, int(world_size(cfg) * cfg.cluster.cpus_per_rank) + 1))
+    model_dir = prepare_model(cfg, run_dir.path)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code)
+    data, held_out = build_prompt_dataset(cfg.data, tokenizer), build_prompt_dataset(cfg.data, tokenizer)
+    held_out.position = 10**9 if cfg.data.kind == "arithmetic" else 0  # arithmetic: never-trained problems
+    eval_items = held_out.take(cfg.run.eval_size)
+    env, advantage = make_environment(cfg.env.name), get_advantage(cfg.grpo.advantage)
+    g = cfg.grpo
+    policy = build_policy(cfg, model_dir)
+    engine = build_engine(cfg, model_dir)
+    step = 0
+    if (ckpt := run_dir.should_resume()) is not None:
+        policy.load(str(ckpt / "policy"))
+        state = RunDir.trainer_state(ckpt)
+        step = state["step"]
+        data.load_state_dict(state["data"])
+        engine.refit_from(policy, version=step, bucket_mb=cfg.generation.refit_bucket_mb)
+    run_dir.start_logging(step if ckpt is not None else -1)
+    with progress_bar(cfg.run.steps, step) as bar:
+        if step == 0 and cfg.run.eval_every:
+            run_dir.log(0, {"eval/accuracy": rollout.evaluate(engine, eval_items, env, cfg.generation)})
+        for step in range(step + 1, cfg.run.steps + 1):
+            t = Timer()
+            with t("step"):
+                with t("generate"):
+                    batch, metrics = rollout.collect(engine, data, env, advantage, cfg, seed=cfg.run.seed * 100_003 + step)
+                seqs = batch.sequences(mask_truncated=g.overlong_filter)
+                if seqs:
+                    with t("logprobs"):
+                        for seq, lp in zip(seqs, policy.logprobs(seqs)):
+                            seq["old_lp"] = lp
+                        if g.kl_coef:
+                            for seq, lp in zip(seqs, policy.logprobs(seqs, reference=True)):
+                                seq["ref_lp"] = lp
+                    metrics["train/token_mult_prob_error"] = _mismatch(seqs)
+                    with t("train"):
+                        loss_kwargs = dict(clip_low=g.clip_low, clip_high=g.clip_high, dual_clip=g.dual_clip,
+                                           loss_agg=g.loss_agg, kl_coef=g.kl_coef, kl_estimator=g.kl_estimator,
+                                           tis_cap=g.tis_cap)
+                        train = policy.train(seqs, g.loss, loss_kwargs)
+                    metrics.update({f"train/{k}": v for k, v in train.items() if not k.startswith("memory/")})
+                    metrics.update({k: v for k, v in train.items() if k.startswith("memory/")})
+                    with t("refit"):
+                        refit = engine.refit_from(policy, version=step, bucket_mb=cfg.generation.refit_bucket_mb)
+                    metrics["refit/gb_per_s"] = refit["gb_per_s"]
+            metrics.update(t)
+            metrics["throughput/tokens_per_s"] = sum(len(s["ids"]) for s in seqs) / t["timing/step_s"]
+            if cfg.run.eval_every and (step % cfg.run.eval_every == 0 or step == cfg.run.steps):
+                metrics["eval/accuracy"] = rollout.evaluate(engine, eval_items, env, cfg.generation)
+            run_dir.log(step, metrics)
+            bar.update(step, metrics)
+            if step % cfg.run.checkpoint_every == 0 or step == cfg.run.steps:
+                run_dir.save_checkpoint(step, policy.save, {"data": data.state_dict()})
+    if cfg.run.export_hf_at_end:
+        from checkpoint_converters.hf_io import write_hf_checkpoint
+
+        write_hf_checkpoint(policy.hf_weights(), model_dir, run_dir.path / "hf_export", overwrite=True)
+    run_dir.close()
+    engine.shutdown()
+    policy.shutdown()
+    return 0
+
+
+def _mismatch(seqs: list[dict[str, Any]]) -> float:
+    import torch
+
+    lp = torch.cat([s["old_lp"] for s in seqs])
+    engine = torch.cat([s["engine_lp"] for s in seqs])
+    mask = torch.cat([s["resp"] for s in seqs])
+    return token_mult_prob_error(lp, engine, mask)

@@ -1,0 +1,77 @@
+"""Rollout collection: prompts -> engine samples -> rewards -> group advantages (+ dynamic sampling)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from megatron_rl.generation.base import SamplingSettings
+from megatron_rl.grpo.batch import Rollouts
+
+
+def sampling_settings(gen: Any, n: int, seed: int, greedy: bool = False) -> SamplingSettings:
+    return SamplingSettings(
+        temperature=0.0 if greedy else gen.temperature, top_p=gen.top_p, top_k=gen.top_k,
+        max_new_tokens=gen.max_new_tokens, stop=list(gen.stop), n=n, seed=seed,
+    )
+
+
+def generate(engine: Any, items: list[dict[str, Any]], sampling: SamplingSettings) -> Rollouts:
+    results = engine.generate([it["prompt_ids"] for it in items], sampling)
+    out = Rollouts([], [], [], [], [], sampling.n, [])
+    for item, samples in zip(items, results):
+        meta = {"answer": item["answer"], "prompt": item["prompt"]}
+        for s in samples:
+            out.prompt_ids.append(item["prompt_ids"])
+            out.response_ids.append(s.token_ids)
+            out.engine_logprobs.append(s.logprobs)
+            out.finish_reasons.append(s.finish_reason)
+            out.metadata.append(meta)
+            out.responses.append(s.text)
+            out.weight_version = s.weight_version
+    return out
+
+
+def collect(engine: Any, data: Any, env: Any, advantage_fn: Any, cfg: Any, seed: int) -> tuple[Rollouts, dict]:
+    """One step's rollouts. With dynamic sampling, groups whose rewards are all equal (no learning signal)
+    are dropped and more prompts are drawn, up to `max_refill_batches` extra draws."""
+    g = cfg.grpo
+    kept: list[Rollouts] = []
+    n_groups = drawn = 0
+    rewards_all: list[torch.Tensor] = []
+    for attempt in range(1 + (g.max_refill_batches if g.dynamic_sampling else 0)):
+        batch = generate(engine, data.take(g.prompts_per_step),
+                         sampling_settings(cfg.generation, g.num_generations, seed + attempt))
+        batch.rewards = torch.tensor(env.score(batch.responses, batch.metadata), dtype=torch.float32)
+        rewards_all.append(batch.rewards)
+        drawn += g.prompts_per_step
+        batch.advantages = advantage_fn(batch.rewards, g.num_generations, normalize_std=g.normalize_std)
+        if g.dynamic_sampling:
+            grouped = batch.rewards.view(-1, g.num_generations)
+            informative = [i for i in range(grouped.shape[0]) if grouped[i].max() > grouped[i].min()]
+            batch = batch.select_groups(informative[: g.prompts_per_step - n_groups])
+        kept.append(batch)
+        n_groups += len(batch) // g.num_generations
+        if not g.dynamic_sampling or n_groups >= g.prompts_per_step:
+            break
+    rollouts = Rollouts.concat(kept)
+    rewards = torch.cat(rewards_all)  # every scored sample, kept or not: the honest reward curve
+    lengths = torch.tensor([len(r) for r in rollouts.response_ids], dtype=torch.float32)
+    stats = {
+        "reward/mean": rewards.mean().item(),
+        "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
+        "response_length/mean": lengths.mean().item() if len(lengths) else 0.0,
+        "response_length/max": lengths.max().item() if len(lengths) else 0.0,
+        "rollout/truncated_fraction": sum(f == "length" for f in rollouts.finish_reasons) / max(len(rollouts), 1),
+        "rollout/groups_kept": float(n_groups),
+        "rollout/prompts_drawn": float(drawn),
+    }
+    return rollouts, stats
+
+
+def evaluate(engine: Any, items: list[dict[str, Any]], env: Any, gen_cfg: Any) -> float:
+    """Greedy accuracy on held-out prompts."""
+    batch = generate(engine, items, sampling_settings(gen_cfg, 1, seed=0, greedy=True))
+    scores = env.score(batch.responses, batch.metadata)
+    return sum(scores) / max(len(scores), 1)

@@ -1,0 +1,60 @@
+"""SFT warm start for tiny models: a random tiny model never answers correctly, so RL would have no signal.
+
+A few hundred Megatron SFT steps on the recipe's arithmetic format give partial accuracy that GRPO then
+raises. Runs in its own process (world 1) and writes a normal HF directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_rl import distributed
+
+
+def _nll(logprobs: torch.Tensor, mb: dict[str, Any]):
+    mask = mb["mask"]
+    return -(logprobs * mask).sum(), int(mask.sum()), {}
+
+
+def _train(rank: int, hf_dir: str, out_dir: str, steps: int, arithmetic: dict[str, Any], lr: float) -> float:
+    from transformers import AutoTokenizer
+
+    from checkpoint_converters import export_hf_weights, load_hf_weights
+    from checkpoint_converters.hf_io import write_hf_checkpoint
+    from megatron_rl.data.arithmetic import ArithmeticConfig, ArithmeticProblems
+    from megatron_rl.data.prompts import PromptDataset
+    from megatron_rl.grpo.policy_worker import collate
+    from megatron_rl.models.hf_config import load_hf_config
+    from megatron_rl.parallel import ParallelConfig
+    from megatron_rl.policy.core import MegatronPolicy
+    from megatron_rl.policy.optim import OptimConfig
+
+    distributed.initialize(ParallelConfig(), seed=0)
+    policy = MegatronPolicy(load_hf_config(hf_dir), ParallelConfig(), OptimConfig(lr=lr, weight_decay=0.0))
+    load_hf_weights(policy.model, hf_dir)
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    # A different seed from the RL prompts: the warm start must not memorise the evaluation problems.
+    data = PromptDataset(ArithmeticProblems(ArithmeticConfig(**{**arithmetic, "seed": 10_000 + arithmetic["seed"]})),
+                         tok, endless=True)
+    loss = float("nan")
+    for _ in range(steps):
+        seqs = []
+        for item in data.take(32):
+            answer = tok(item["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            ids = item["prompt_ids"] + answer
+            mask = torch.zeros(len(ids) - 1)
+            mask[len(item["prompt_ids"]) - 1 :] = 1.0
+            seqs.append({"ids": torch.tensor(ids), "mask": mask})
+        loss = policy.train_step([collate(seqs)], _nll)["loss"]
+    write_hf_checkpoint(export_hf_weights(policy.model), hf_dir, out_dir, overwrite=True)
+    distributed.destroy_model_parallel()
+    return loss
+
+
+def sft_warm_start(hf_dir: str | Path, out_dir: str | Path, steps: int, arithmetic: dict[str, Any],
+                   lr: float = 3e-3) -> float:
+    """Returns the final SFT loss; the warmed-up model is written to `out_dir`."""
+    return distributed.spawn(_train, 1, str(hf_dir), str(out_dir), steps, arithmetic, lr)[0]
