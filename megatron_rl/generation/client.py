@@ -22,6 +22,11 @@ class EngineClient:
     def __init__(self, model_dir: str, settings: EngineSettings, num_cpus: float = 1, num_gpus: float = 0,
                  timeout_s: float = 600) -> None:
         self.timeout_s = timeout_s
+        if not (Path(model_dir) / "config.json").is_file():
+            # Checked here too: an actor that dies in its constructor reports only a generic death.
+            from megatron_rl.errors import UserError
+
+            raise UserError(f"Generation engine: no model at {model_dir} (config.json missing).")
         cls = remote_class(VLLMEngine)
         self.actor = cls.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(model_dir, settings)
         gather([self.actor.ping.remote()], "starting the generation engine", timeout_s)

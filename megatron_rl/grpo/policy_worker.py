@@ -59,6 +59,12 @@ class PolicyWorker:
     """Lives in a Ray actor; owns one Megatron rank."""
 
     def __init__(self, rank: int, world_size: int, spec: PolicySpec) -> None:
+        import warnings
+
+        # Megatron warns at import about missing TE/apex and deprecated args; the fallbacks are intended.
+        warnings.filterwarnings("ignore", module=r"megatron\..*")
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning)
         self.rank, self.world_size, self.spec = rank, world_size, spec
         self.policy: Any = None
         self.reference: dict[str, torch.Tensor] | None = None
