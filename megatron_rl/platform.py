@@ -71,20 +71,58 @@ def _to_cpu_device(dev: Any) -> Any:
     return dev
 
 
-def _redirect_cuda_factories() -> None:
-    # Megatron allocates counters, grad-norm buffers and loss scales with a literal device="cuda"
-    # (schedules, clip_grads, optimizer, grad_scaler). Redirect just those factory calls to CPU.
-    for name in _FACTORIES:
-        original = getattr(torch, name)
+class _CpuTorch:
+    """`torch` as Megatron's modules see it on CPU: factory calls with device="cuda" land on the CPU.
 
+    Installed into Megatron modules' globals only. Patching `torch.zeros` & co. process-wide would also
+    reach other libraries (transformers' meta-device model init then produced all-zero RoPE buffers)."""
+
+    def __init__(self) -> None:
+        for name in _FACTORIES:
+            setattr(self, name, self._redirect(getattr(torch, name)))
+
+    @staticmethod
+    def _redirect(original: Any) -> Any:
         @functools.wraps(original)
-        def factory(*args: Any, __original=original, **kwargs: Any) -> Any:
+        def factory(*args: Any, **kwargs: Any) -> Any:
             if "device" in kwargs:
                 kwargs["device"] = _to_cpu_device(kwargs["device"])
             kwargs.pop("pin_memory", None)  # pinning needs a CUDA context
-            return __original(*args, **kwargs)
+            return original(*args, **kwargs)
 
-        setattr(torch, name, factory)
+        return factory
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+
+# Megatron modules that allocate with a literal device="cuda" (schedules' token counter, clip_grads,
+# optimizer and grad-scaler buffers, DDP warm-up tensors, MoE trackers, tensor-parallel data broadcast).
+_CUDA_LITERAL_MODULES = (
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.pipeline_parallel.p2p_communication",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.distributed.distributed_data_parallel",
+    "megatron.core.distributed.finalize_model_grads",
+    "megatron.core.transformer.moe.moe_utils",
+    "megatron.core.transformer.moe.token_dispatcher",
+    "megatron.core.tensor_parallel.data",
+    "megatron.core.utils",
+)
+
+
+def _redirect_cuda_factories() -> None:
+    import importlib
+
+    proxy = _CpuTorch()
+    for name in _CUDA_LITERAL_MODULES:
+        module = importlib.import_module(name)
+        if getattr(module, "torch", None) is torch:
+            module.torch = proxy
 
 
 class _NoStream:
