@@ -79,8 +79,12 @@ def _worker(fn: Callable[..., Any], rank: int, world: int, port: int, args: tupl
     warnings.filterwarnings("ignore", category=FutureWarning)
     # Each rank gets an equal share of the cores; oversubscription makes gloo ranks crawl.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    from megatron_rl.errors import UserError
+
     try:
         results.put((rank, "ok", fn(rank, *args)))
+    except UserError as exc:  # bad input: the parent re-raises it as is, without a traceback
+        results.put((rank, "user_error", str(exc)))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent with its traceback
         results.put((rank, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
     finally:
@@ -117,6 +121,10 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float 
                 if _now() > deadline:
                     raise SpawnError(f"spawned world did not finish within {timeout_s:.0f} s") from None
                 continue
+            if status == "user_error":
+                from megatron_rl.errors import UserError
+
+                raise UserError(value)
             if status == "error":
                 raise SpawnError(f"rank {rank} failed: {value}")
             outputs[rank] = value

@@ -54,7 +54,7 @@ class ModelShape:
     num_experts: int | None = None
 
 
-def validate_layout(par: ParallelConfig, shape: ModelShape, world_size: int) -> int:
+def validate_layout(par: ParallelConfig, shape: ModelShape, world_size: int | None) -> int:
     """Checks every divisibility rule; returns the data-parallel size. Raises LayoutError naming the fix."""
     for name in ("tp", "pp", "cp", "ep"):
         value = getattr(par, name)
@@ -91,7 +91,7 @@ def validate_layout(par: ParallelConfig, shape: ModelShape, world_size: int) -> 
             )
     if problems:
         raise LayoutError("Parallel layout does not fit the model: " + "; ".join(problems) + ".")
-    return par.check_world(world_size)
+    return par.check_world(world_size) if world_size is not None else 0
 
 
 def _divisors(n: int) -> list[int]:

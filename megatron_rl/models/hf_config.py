@@ -223,6 +223,11 @@ def transformer_config_from_hf(
         moe_grouped_gemm=False,
     )
     kwargs.update(overrides)
+    # Our checks first: they say which number to change, Megatron's assertion would not.
+    from megatron_rl.parallel import validate_layout
+
+    validate_layout(parallel, ModelShape(kwargs["num_layers"], kwargs["num_attention_heads"],
+                                         kwargs["num_query_groups"], info.vocab_size, info.num_experts), None)
     if kwargs.get("variable_seq_lengths") and kwargs["moe_token_dispatcher_type"] == "allgather":
         raise UserError(
             "MoE models with pipeline parallelism (pp>1) need Megatron's alltoall token dispatcher, which "
