@@ -79,3 +79,24 @@ def test_dry_run_prints_only_the_script_on_stdout(tmp_path):
 def test_missing_slurm_settings_are_named():
     with pytest.raises(UserError, match="cluster.account"):
         render(compose("llama8b", ["cluster.profile=null"]), "grpo", "llama8b", [])
+
+
+@pytest.mark.parametrize("recipe, published_b", [
+    ("llama8b", 8.03), ("llama70b", 70.6), ("qwen3_30b_a3b", 30.5), ("qwen3_235b_a22b", 235.1), ("mixtral8x7b", 46.7),
+])
+def test_planner_fits_every_recipe_and_counts_parameters_like_the_model_cards(recipe, published_b, capsys):
+    from megatron_rl.launch.plan import plan
+
+    p = plan(compose(recipe))
+    assert p["params_total_b"] == pytest.approx(published_b, rel=0.03)  # ignores biases/norm rounding
+    assert p["total_gb"] <= p["budget_gb"]
+    assert main(["plan", f"conf={recipe}"]) == 0
+    assert "fits" in capsys.readouterr().err
+
+
+def test_planner_rejects_an_oversized_layout(capsys):
+    # 70B with tp=1, pp=1 on one node: each GPU would hold all 70B parameters.
+    assert main(["plan", "conf=llama70b", "cluster.nodes=1", "policy.parallel.tp=1", "policy.parallel.pp=1",
+                 "policy.parallel.sequence_parallel=false"]) == 1
+    err = capsys.readouterr().err
+    assert "does not fit" in err and "largest part is grads" in err
