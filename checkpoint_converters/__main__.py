@@ -1,9 +1,9 @@
 """HF <-> Megatron checkpoint conversion.
 
-    python -m checkpoint_converters hf-to-megatron --hf-dir DIR --out DIR [--tp N --pp N --ep N --dtype bf16|fp32]
-    python -m checkpoint_converters megatron-to-hf --megatron-dir DIR --out DIR [--tp N --pp N --ep N]
-    python -m checkpoint_converters validate --hf-dir DIR --megatron-dir DIR [--tolerance 1e-4]
-    python -m checkpoint_converters inspect DIR
+python -m checkpoint_converters hf-to-megatron --hf-dir DIR --out DIR [--tp N --pp N --ep N --dtype bf16|fp32]
+python -m checkpoint_converters megatron-to-hf --megatron-dir DIR --out DIR [--tp N --pp N --ep N]
+python -m checkpoint_converters validate --hf-dir DIR --megatron-dir DIR [--tolerance 1e-4]
+python -m checkpoint_converters inspect DIR
 """
 
 from __future__ import annotations
@@ -16,8 +16,11 @@ from megatron_rl.errors import UserError
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="checkpoint-converters", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="checkpoint-converters",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("hf-to-megatron", help="HF safetensors -> Megatron torch_dist")
     a.add_argument("--hf-dir", required=True)

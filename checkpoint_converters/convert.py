@@ -64,8 +64,9 @@ def _commit(tmp: Path, out: Path) -> Path:
     return out
 
 
-def hf_to_megatron(hf_dir: str, out: str, tp: int = 1, pp: int = 1, ep: int = 1, dtype: str = "fp32",
-                   overwrite: bool = False) -> Path:
+def hf_to_megatron(
+    hf_dir: str, out: str, tp: int = 1, pp: int = 1, ep: int = 1, dtype: str = "fp32", overwrite: bool = False
+) -> Path:
     from checkpoint_converters.hf_io import _SIDE_FILES, HFCheckpoint
     from checkpoint_converters.live import check_no_unexpected
     from checkpoint_converters.mapping import mapping_for
@@ -87,8 +88,13 @@ def hf_to_megatron(hf_dir: str, out: str, tp: int = 1, pp: int = 1, ep: int = 1,
         for f in _SIDE_FILES:
             if (Path(hf_dir) / f).is_file():
                 shutil.copy2(Path(hf_dir) / f, tmp / "hf_config" / f)
-        meta = {"architecture": arch, "source": str(Path(hf_dir).resolve()), "dtype": dtype,
-                "saved_layout": {"tp": tp, "pp": pp, "ep": ep}, "format": "torch_dist"}
+        meta = {
+            "architecture": arch,
+            "source": str(Path(hf_dir).resolve()),
+            "dtype": dtype,
+            "saved_layout": {"tp": tp, "pp": pp, "ep": ep},
+            "format": "torch_dist",
+        }
         (tmp / "conversion.json").write_text(json.dumps(meta, indent=2))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -101,8 +107,10 @@ def _read_megatron_dir(megatron_dir: str) -> tuple[dict[str, Any], dict[str, Any
 
     root = Path(megatron_dir)
     if not (root / "conversion.json").is_file() or not (root / "model" / "metadata.json").is_file():
-        raise UserError(f"{root} is not a converted Megatron checkpoint (expected conversion.json and "
-                        f"model/metadata.json; create one with hf-to-megatron).")
+        raise UserError(
+            f"{root} is not a converted Megatron checkpoint (expected conversion.json and "
+            f"model/metadata.json; create one with hf-to-megatron)."
+        )
     return json.loads((root / "conversion.json").read_text()), load_hf_config(root / "hf_config")
 
 
@@ -122,8 +130,9 @@ def _megatron_to_hf_rank(rank: int, megatron_dir: str, tmp: str, par: ParallelCo
     distributed.destroy_model_parallel()
 
 
-def megatron_to_hf(megatron_dir: str, out: str, tp: int = 1, pp: int = 1, ep: int = 1,
-                   overwrite: bool = False) -> Path:
+def megatron_to_hf(
+    megatron_dir: str, out: str, tp: int = 1, pp: int = 1, ep: int = 1, overwrite: bool = False
+) -> Path:
     meta, _ = _read_megatron_dir(megatron_dir)
     par, world = layout_world(tp, pp, ep)
     out_path = Path(out)

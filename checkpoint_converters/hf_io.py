@@ -43,8 +43,9 @@ class HFCheckpoint:
                 handle = safe_open(str(path), framework="pt")
                 names = list(handle.keys())
             except Exception as exc:  # safetensors raises its own error types for truncated/corrupt files
-                raise UserError(f"{path} is not a readable safetensors file ({exc}); it may be truncated or "
-                                f"corrupted.") from exc
+                raise UserError(
+                    f"{path} is not a readable safetensors file ({exc}); it may be truncated or corrupted."
+                ) from exc
             self._handles[f] = handle
             for n in names:
                 self.location[n] = f
@@ -63,8 +64,10 @@ class HFCheckpoint:
         try:
             return self._handles[f].get_tensor(name)
         except Exception as exc:
-            raise UserError(f"Cannot read tensor {name!r} from {self.dir / f} ({exc}); the file may be "
-                            f"truncated or corrupted.") from exc
+            raise UserError(
+                f"Cannot read tensor {name!r} from {self.dir / f} ({exc}); the file may be "
+                f"truncated or corrupted."
+            ) from exc
 
 
 class ShardedWriter:
@@ -110,12 +113,26 @@ class ShardedWriter:
             (self.dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-               "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt")
+_SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+)
 
 
-def write_hf_checkpoint(items, template_dir: str | Path, out_dir: str | Path, overwrite: bool = False,
-                        shard_bytes: int = 2 * 1024**3) -> Path:
+def write_hf_checkpoint(
+    items,
+    template_dir: str | Path,
+    out_dir: str | Path,
+    overwrite: bool = False,
+    shard_bytes: int = 2 * 1024**3,
+) -> Path:
     """Streams (name, tensor) pairs into sharded safetensors plus config/tokenizer files copied from
     `template_dir`. Written to `<out>.tmp` and renamed into place only when complete."""
     import shutil

@@ -47,10 +47,16 @@ def _tp(expert: bool) -> tuple[int, int, Any]:
     from megatron.core import parallel_state as ps
 
     if expert:
-        return (ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size(),
-                ps.get_expert_tensor_parallel_group())
-    return (ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size(),
-            ps.get_tensor_model_parallel_group())
+        return (
+            ps.get_expert_tensor_parallel_rank(),
+            ps.get_expert_tensor_parallel_world_size(),
+            ps.get_expert_tensor_parallel_group(),
+        )
+    return (
+        ps.get_tensor_model_parallel_rank(),
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_tensor_model_parallel_group(),
+    )
 
 
 def _resolve(mapping: ArchMapping, name: str, ctx: dict[str, Any], for_load: bool):
@@ -98,8 +104,10 @@ def load_hf_weights(chunks: list[Any], hf_dir: str | Path) -> None:
             try:
                 shard = to_megatron(rule.kind, tensors, rank, size, ctx["heads"], ctx["groups"])
             except RuntimeError as exc:
-                raise UserError(f"Tensor(s) {list(hf_names)} in {ckpt.dir} have shapes "
-                                f"{[tuple(t.shape) for t in tensors]} that do not fit {name} ({exc}).") from exc
+                raise UserError(
+                    f"Tensor(s) {list(hf_names)} in {ckpt.dir} have shapes "
+                    f"{[tuple(t.shape) for t in tensors]} that do not fit {name} ({exc})."
+                ) from exc
             if shard.shape != param.shape:
                 where = ckpt.location.get(hf_names[0], "?")
                 raise UserError(
@@ -124,10 +132,20 @@ def _entries(chunks: list[Any], mapping: ArchMapping) -> list[dict[str, Any]]:
                 continue
             rule, hf_names = resolved
             tp_rank, _, group = _tp(rule.expert)
-            dp_rank = (ps.get_expert_data_parallel_rank() if rule.expert else ps.get_data_parallel_rank())
+            dp_rank = ps.get_expert_data_parallel_rank() if rule.expert else ps.get_data_parallel_rank()
             owner = tp_rank == 0 and dp_rank == 0 and ps.get_context_parallel_rank() == 0
-            out.append({"chunk": c, "name": name, "expert": rule.expert, "kind": rule.kind, "hf": hf_names,
-                        "owner": owner, "heads": ctx["heads"], "groups": ctx["groups"]})
+            out.append(
+                {
+                    "chunk": c,
+                    "name": name,
+                    "expert": rule.expert,
+                    "kind": rule.kind,
+                    "hf": hf_names,
+                    "owner": owner,
+                    "heads": ctx["heads"],
+                    "groups": ctx["groups"],
+                }
+            )
     return out
 
 
@@ -140,8 +158,11 @@ def export_hf_weights(chunks: list[Any], *, grads: bool = False) -> Iterator[tup
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     mine = _entries(chunks, mapping)
-    params = {(e["chunk"], e["name"]): p for e in mine
-              for p in [dict(_unwrap(chunks[e["chunk"]]).named_parameters())[e["name"]]]}
+    params = {
+        (e["chunk"], e["name"]): p
+        for e in mine
+        for p in [dict(_unwrap(chunks[e["chunk"]]).named_parameters())[e["name"]]]
+    }
     if world > 1:
         every: list[Any] = [None] * world
         dist.all_gather_object(every, [(e["chunk"], e["name"], e["hf"], e["owner"]) for e in mine])
@@ -179,8 +200,11 @@ def export_hf_weights(chunks: list[Any], *, grads: bool = False) -> Iterator[tup
 
 def _export_dtype(chunks: list[Any], grads: bool) -> torch.dtype:
     p = next(_unwrap(chunks[0]).parameters())
-    return (getattr(p, "main_grad", None).dtype if grads and getattr(p, "main_grad", None) is not None
-            else p.dtype)
+    return (
+        getattr(p, "main_grad", None).dtype
+        if grads and getattr(p, "main_grad", None) is not None
+        else p.dtype
+    )
 
 
 def _same_tp_group_as(src: int, expert: bool) -> bool:
@@ -209,6 +233,8 @@ def _gather_tp(param: torch.nn.Parameter, entry: dict[str, Any], grads: bool) ->
 def _mapping_from_model(model: Any) -> ArchMapping:
     arch = getattr(model, "hf_architecture", None)
     if arch is None:
-        raise UserError("The model does not record its Hugging Face architecture; build it with "
-                        "megatron_rl.models.builder.build_model.")
+        raise UserError(
+            "The model does not record its Hugging Face architecture; build it with "
+            "megatron_rl.models.builder.build_model."
+        )
     return mapping_for(arch)

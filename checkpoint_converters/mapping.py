@@ -76,8 +76,9 @@ class Resolved:
     hf_names: tuple[str, ...]
 
 
-def resolve(mapping: ArchMapping, megatron_name: str, layer_offset: int, expert_offset: int,
-            tied: bool) -> Resolved | None:
+def resolve(
+    mapping: ArchMapping, megatron_name: str, layer_offset: int, expert_offset: int, tied: bool
+) -> Resolved | None:
     """Maps a (stage-local) Megatron parameter name to its rule and global HF names. None = not mapped
     (the tied output layer on the last stage)."""
     name = canonical(megatron_name)

@@ -15,7 +15,9 @@ import torch
 KINDS = ("replicated", "row", "column", "qkv", "gate_up")
 
 
-def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, num_groups: int) -> torch.Tensor:
+def fuse_qkv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, num_groups: int
+) -> torch.Tensor:
     """HF q [nq*d, ...], k/v [ng*d, ...] -> Megatron [ng * (nq/ng + 2) * d, ...] (TP=1 layout)."""
     d = k.shape[0] // num_groups
     per = num_heads // num_groups
@@ -36,8 +38,9 @@ def split_qkv(fused: torch.Tensor, num_heads: int, num_groups: int) -> tuple[tor
     return q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)
 
 
-def to_megatron(kind: str, hf: list[torch.Tensor], rank: int, size: int, heads: int = 0, groups: int = 0
-                ) -> torch.Tensor:
+def to_megatron(
+    kind: str, hf: list[torch.Tensor], rank: int, size: int, heads: int = 0, groups: int = 0
+) -> torch.Tensor:
     """This TP rank's Megatron shard from the HF tensor(s) of one mapping."""
     if kind == "replicated":
         return hf[0]

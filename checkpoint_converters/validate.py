@@ -39,8 +39,12 @@ def _compare_rank(rank: int, hf_dir: str, megatron_dir: str) -> dict[str, float]
         agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
         total += ids.shape[1]
     distributed.destroy_model_parallel()
-    return {"max_abs_logit_diff": worst, "min_cosine": cos_min, "top1_agreement": agree / total,
-            "tokens": total}
+    return {
+        "max_abs_logit_diff": worst,
+        "min_cosine": cos_min,
+        "top1_agreement": agree / total,
+        "tokens": total,
+    }
 
 
 def validate(hf_dir: str, megatron_dir: str, tolerance: float = 1e-4) -> tuple[dict[str, float], bool]:
@@ -54,8 +58,12 @@ def inspect(directory: str) -> dict[str, Any]:
     if (root / "conversion.json").is_file():
         meta = json.loads((root / "conversion.json").read_text())
         files = list((root / "model").glob("*"))
-        return {"kind": "megatron torch_dist", **meta, "files": len(files),
-                "bytes": sum(f.stat().st_size for f in files if f.is_file())}
+        return {
+            "kind": "megatron torch_dist",
+            **meta,
+            "files": len(files),
+            "bytes": sum(f.stat().st_size for f in files if f.is_file()),
+        }
     from checkpoint_converters.hf_io import HFCheckpoint
     from megatron_rl.models.hf_config import load_hf_config
 
@@ -69,7 +77,14 @@ def inspect(directory: str) -> dict[str, Any]:
         dtypes.add(str(sl.get_dtype()))
     if not names:
         raise UserError(f"{root} holds no tensors.")
-    return {"kind": "huggingface safetensors", "architecture": (cfg.get("architectures") or ["?"])[0],
-            "parameters": params, "dtypes": sorted(dtypes), "tensors": len(names),
-            "files": len(set(ckpt.location.values())), "layers": cfg.get("num_hidden_layers"),
-            "experts": cfg.get("num_experts") or cfg.get("num_local_experts"), "first_tensors": sorted(names)[:5]}
+    return {
+        "kind": "huggingface safetensors",
+        "architecture": (cfg.get("architectures") or ["?"])[0],
+        "parameters": params,
+        "dtypes": sorted(dtypes),
+        "tensors": len(names),
+        "files": len(set(ckpt.location.values())),
+        "layers": cfg.get("num_hidden_layers"),
+        "experts": cfg.get("num_experts") or cfg.get("num_local_experts"),
+        "first_tensors": sorted(names)[:5],
+    }

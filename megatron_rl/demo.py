@@ -49,14 +49,20 @@ def _train(rank: int, model_dir: str, steps: int, tp: int) -> list[float]:
     policy = MegatronPolicy(load_hf_config(model_dir), par, OptimConfig(lr=3e-3, weight_decay=0.0))
     tokenizer = build_tokenizer()
     losses = []
-    columns = [TextColumn("[bold]demo"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
-               TextColumn("loss {task.fields[loss]:.3f}")]
+    columns = [
+        TextColumn("[bold]demo"),
+        BarColumn(),
+        TextColumn("step {task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]:.3f}"),
+    ]
     with Progress(*columns, disable=rank != 0) as bar:
         task = bar.add_task("train", total=steps, loss=float("nan"))
         for step in range(steps):
             ids = _batch(tokenizer, _facts(32, seed=step))
-            mbs = [{"input_ids": ids[i : i + 16], "mask": ids[i : i + 16] != tokenizer.pad_token_id}
-                   for i in (0, 16)]
+            mbs = [
+                {"input_ids": ids[i : i + 16], "mask": ids[i : i + 16] != tokenizer.pad_token_id}
+                for i in (0, 16)
+            ]
             losses.append(policy.train_step(mbs, _loss)["loss"])
             bar.update(task, advance=1, loss=losses[-1])
     distributed.destroy_model_parallel()
@@ -64,14 +70,18 @@ def _train(rank: int, model_dir: str, steps: int, tp: int) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--tp", type=int, default=2)
     args = parser.parse_args(argv)
     model_dir = Path(tempfile.mkdtemp(prefix="megatron_rl_demo_")) / "tiny"
     save_tiny_checkpoint(model_dir, "llama")
     losses = distributed.spawn(_train, args.tp, str(model_dir), args.steps, args.tp)[0]
-    print(f"loss: first {losses[0]:.3f} -> last {losses[-1]:.3f} over {len(losses)} steps (tp={args.tp}, SP on)")
+    print(
+        f"loss: first {losses[0]:.3f} -> last {losses[-1]:.3f} over {len(losses)} steps (tp={args.tp}, SP on)"
+    )
     return 0 if losses[-1] < losses[0] else 1
 
 

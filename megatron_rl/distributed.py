@@ -69,7 +69,10 @@ def free_port() -> int:
 
 def _worker(fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple, results: Any) -> None:
     os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
     import warnings
@@ -117,7 +120,9 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float 
             except queue.Empty:
                 dead = [i for i, p in enumerate(procs) if p.exitcode not in (None, 0) and i not in outputs]
                 if dead:
-                    raise SpawnError(f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode}") from None
+                    raise SpawnError(
+                        f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode}"
+                    ) from None
                 if _now() > deadline:
                     raise SpawnError(f"spawned world did not finish within {timeout_s:.0f} s") from None
                 continue

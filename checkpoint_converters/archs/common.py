@@ -12,14 +12,20 @@ EMBEDDINGS = (
 )
 ATTENTION = (
     Rule(M + "input_layernorm.weight", (P + "input_layernorm.weight",)),
-    Rule(M + "self_attention.linear_qkv.weight",
-         (P + "self_attn.q_proj.weight", P + "self_attn.k_proj.weight", P + "self_attn.v_proj.weight"), "qkv"),
+    Rule(
+        M + "self_attention.linear_qkv.weight",
+        (P + "self_attn.q_proj.weight", P + "self_attn.k_proj.weight", P + "self_attn.v_proj.weight"),
+        "qkv",
+    ),
     Rule(M + "self_attention.linear_proj.weight", (P + "self_attn.o_proj.weight",), "column"),
     Rule(M + "pre_mlp_layernorm.weight", (P + "post_attention_layernorm.weight",)),
 )
 QKV_BIAS = (
-    Rule(M + "self_attention.linear_qkv.bias",
-         (P + "self_attn.q_proj.bias", P + "self_attn.k_proj.bias", P + "self_attn.v_proj.bias"), "qkv"),
+    Rule(
+        M + "self_attention.linear_qkv.bias",
+        (P + "self_attn.q_proj.bias", P + "self_attn.k_proj.bias", P + "self_attn.v_proj.bias"),
+        "qkv",
+    ),
 )
 QK_NORM = (
     Rule(M + "self_attention.q_layernorm.weight", (P + "self_attn.q_norm.weight",)),

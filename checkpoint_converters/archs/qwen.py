@@ -17,8 +17,11 @@ def qwen3() -> ArchMapping:
 X = P + "mlp.experts.{E}."
 EXPERTS = (
     Rule(M + "mlp.router.weight", (P + "mlp.gate.weight",)),
-    Rule(M + "mlp.experts.local_experts.{E}.linear_fc1.weight", (X + "gate_proj.weight", X + "up_proj.weight"),
-         "gate_up"),
+    Rule(
+        M + "mlp.experts.local_experts.{E}.linear_fc1.weight",
+        (X + "gate_proj.weight", X + "up_proj.weight"),
+        "gate_up",
+    ),
     Rule(M + "mlp.experts.local_experts.{E}.linear_fc2.weight", (X + "down_proj.weight",), "column"),
 )
 

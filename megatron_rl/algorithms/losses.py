@@ -25,7 +25,9 @@ def kl_penalty(logprobs: torch.Tensor, ref_lp: torch.Tensor, estimator: str) -> 
     raise ValueError(f"unknown KL estimator {estimator!r} (k1 or k3)")
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_agg: str) -> tuple[torch.Tensor, torch.Tensor]:
+def aggregate(
+    per_token: torch.Tensor, mask: torch.Tensor, loss_agg: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     if loss_agg == "token_mean":
         return (per_token * mask).sum(), mask.sum()
     if loss_agg == "seq_mean":

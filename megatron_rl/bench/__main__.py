@@ -1,7 +1,7 @@
 """Benchmarks that print JSON (one object per model on stdout; progress on stderr).
 
-    python -m megatron_rl.bench train [--rounds N] [--models tiny,smollm2]
-    python -m megatron_rl.bench refit
+python -m megatron_rl.bench train [--rounds N] [--models tiny,smollm2]
+python -m megatron_rl.bench refit
 """
 
 from __future__ import annotations
@@ -28,8 +28,11 @@ def _model_dir(name: str, cache: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m megatron_rl.bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m megatron_rl.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="which", required=True)
     train = sub.add_parser("train", help="Megatron train step vs transformers forward+backward (tokens/s)")
     train.add_argument("--models", default="tiny,smollm2")

@@ -21,9 +21,18 @@ def _llama_1b(path: Path) -> Path:
     if (path / "config.json").is_file():
         return path
     # ~1.1B parameters, Llama shape (TinyLlama-like), random weights, bf16 on disk.
-    return save_tiny_checkpoint(path, "llama", hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
-                                num_attention_heads=32, num_key_value_heads=4, head_dim=64, vocab_size=32000,
-                                torch_dtype="bfloat16")
+    return save_tiny_checkpoint(
+        path,
+        "llama",
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        head_dim=64,
+        vocab_size=32000,
+        torch_dtype="bfloat16",
+    )
 
 
 def _model(name: str, cache: Path) -> tuple[Path, str]:
@@ -55,7 +64,9 @@ def bench_one(name: str, cache: Path, rounds: int = 3) -> dict[str, Any]:
             disk = Path(tempfile.mkdtemp(prefix="refit_naive_", dir=cache))
             start = time.perf_counter()
             write_hf_checkpoint(policy.hf_weights(), model_dir, disk / "hf", overwrite=True)
-            engine.update_weights(sorted(str(p) for p in (disk / "hf").glob("*.safetensors")), version=100 + i)
+            engine.update_weights(
+                sorted(str(p) for p in (disk / "hf").glob("*.safetensors")), version=100 + i
+            )
             naive.append(time.perf_counter() - start)
             shutil.rmtree(disk, ignore_errors=True)
         src = torch.empty(int(nbytes), dtype=torch.uint8).fill_(1)
@@ -76,10 +87,18 @@ def bench_one(name: str, cache: Path, rounds: int = 3) -> dict[str, Any]:
     t_refit = statistics.median(r["refit_s"] for r in refit)
     t_naive, t_copy = statistics.median(naive), statistics.median(copies)
     return {
-        "bench": "refit", "model": name, "dtype": dtype, "bytes": int(nbytes), "rounds": rounds,
-        "refit_s": t_refit, "refit_gb_per_s": nbytes / t_refit / 1e9,
-        "naive_s": t_naive, "copy_s": t_copy, "copy_gb_per_s": nbytes / t_copy / 1e9,
-        "speedup_vs_naive": t_naive / t_refit, "fraction_of_copy": t_copy / t_refit,
+        "bench": "refit",
+        "model": name,
+        "dtype": dtype,
+        "bytes": int(nbytes),
+        "rounds": rounds,
+        "refit_s": t_refit,
+        "refit_gb_per_s": nbytes / t_refit / 1e9,
+        "naive_s": t_naive,
+        "copy_s": t_copy,
+        "copy_gb_per_s": nbytes / t_copy / 1e9,
+        "speedup_vs_naive": t_naive / t_refit,
+        "fraction_of_copy": t_copy / t_refit,
         "generation_tokens_per_s": tokens / gen_s,
     }
 

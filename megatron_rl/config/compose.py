@@ -69,8 +69,12 @@ def compose(recipe: str, overrides: list[str] | None = None) -> Any:
         text = str(exc.__cause__ or exc)
         key = re.search(r"full_key: (\S+)", text)
         if key and "could not be converted" in text:
-            raise UserError(f"Config key {key.group(1)!r} has the wrong type: {text.splitlines()[0]}") from None
-        raise UserError(f"Cannot compose recipe {recipe!r} with {overrides}: {text.splitlines()[0]}") from None
+            raise UserError(
+                f"Config key {key.group(1)!r} has the wrong type: {text.splitlines()[0]}"
+            ) from None
+        raise UserError(
+            f"Cannot compose recipe {recipe!r} with {overrides}: {text.splitlines()[0]}"
+        ) from None
     OmegaConf.set_struct(raw, False)
     raw.recipe = recipe
     # Merge onto the schema: unknown keys (typos, or new keys added with '+') and wrong types fail here.

@@ -26,7 +26,9 @@ class ArithmeticProblems:
         if bad or not cfg.ops:
             from megatron_rl.errors import UserError
 
-            raise UserError(f"data.arithmetic.ops must be a non-empty subset of {sorted(_OPS)}, got {cfg.ops}")
+            raise UserError(
+                f"data.arithmetic.ops must be a non-empty subset of {sorted(_OPS)}, got {cfg.ops}"
+            )
         self.cfg, self.instruction = cfg, instruction
 
     def problem(self, index: int) -> dict[str, Any]:

@@ -49,7 +49,7 @@ class PromptDataset:
         return self.items[index % len(self.items)]
 
     def render(self, prompt: str) -> list[int]:
-        messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else [])
+        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         messages.append({"role": "user", "content": prompt})
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)

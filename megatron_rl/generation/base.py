@@ -52,13 +52,13 @@ class GenerationEngine(ABC):
     def update_weights(self, weights: Any, version: int) -> dict[str, float]:
         """Loads HF-named weights; later samples record `version`. Returns timing figures."""
 
-    def prepare(self) -> None:
+    def prepare(self) -> None:  # noqa: B027 - optional hook, no-op by default
         """Before generation (GPU colocation: wake up, re-allocate the KV cache)."""
 
-    def finish(self) -> None:
+    def finish(self) -> None:  # noqa: B027 - optional hook, no-op by default
         """After generation (GPU colocation: release memory for training)."""
 
-    def shutdown(self) -> None:
+    def shutdown(self) -> None:  # noqa: B027 - optional hook, no-op by default
         """Releases the engine."""
 
 

@@ -19,8 +19,14 @@ def _shm_root() -> str:
 
 
 class EngineClient:
-    def __init__(self, model_dir: str, settings: EngineSettings, num_cpus: float = 1, num_gpus: float = 0,
-                 timeout_s: float = 600) -> None:
+    def __init__(
+        self,
+        model_dir: str,
+        settings: EngineSettings,
+        num_cpus: float = 1,
+        num_gpus: float = 0,
+        timeout_s: float = 600,
+    ) -> None:
         self.timeout_s = timeout_s
         if not (Path(model_dir) / "config.json").is_file():
             # Checked here too: an actor that dies in its constructor reports only a generic death.
@@ -50,8 +56,13 @@ class EngineClient:
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         total = time.perf_counter() - start
-        return {"refit_s": total, "export_s": exported - start, "bytes": float(nbytes),
-                "gb_per_s": nbytes / total / 1e9, **timing}
+        return {
+            "refit_s": total,
+            "export_s": exported - start,
+            "bytes": float(nbytes),
+            "gb_per_s": nbytes / total / 1e9,
+            **timing,
+        }
 
     def shutdown(self) -> None:
         import ray

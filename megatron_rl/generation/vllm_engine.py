@@ -27,8 +27,12 @@ class VLLMEngine(GenerationEngine):
         from vllm import LLM
 
         kwargs: dict[str, Any] = dict(
-            model=model_dir, dtype=settings.dtype, enforce_eager=settings.enforce_eager,
-            max_model_len=settings.max_model_len, seed=settings.seed, tensor_parallel_size=settings.tp,
+            model=model_dir,
+            dtype=settings.dtype,
+            enforce_eager=settings.enforce_eager,
+            max_model_len=settings.max_model_len,
+            seed=settings.seed,
+            tensor_parallel_size=settings.tp,
             trust_remote_code=settings.trust_remote_code,
         )
         if torch.cuda.is_available():
@@ -42,19 +46,29 @@ class VLLMEngine(GenerationEngine):
         from vllm.inputs import TokensPrompt
 
         params = SamplingParams(
-            n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-            max_tokens=sampling.max_new_tokens, stop=list(sampling.stop) or None, logprobs=0,
+            n=sampling.n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            max_tokens=sampling.max_new_tokens,
+            stop=list(sampling.stop) or None,
+            logprobs=0,
             seed=sampling.seed,
         )
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False
+        )
         result = []
         for out in outputs:
             samples = []
             for c in out.outputs:
                 ids = list(c.token_ids)
                 lps = [step[tok].logprob for step, tok in zip(c.logprobs, ids)]
-                samples.append(Sample(ids, lps, "length" if c.finish_reason == "length" else "stop", c.text,
-                                      self.version))
+                samples.append(
+                    Sample(
+                        ids, lps, "length" if c.finish_reason == "length" else "stop", c.text, self.version
+                    )
+                )
             result.append(samples)
         return result
 

@@ -34,9 +34,13 @@ class Rollouts:
             return [xs[i] for i in idx]
 
         return Rollouts(
-            prompt_ids=pick(self.prompt_ids), response_ids=pick(self.response_ids),
-            engine_logprobs=pick(self.engine_logprobs), finish_reasons=pick(self.finish_reasons),
-            metadata=pick(self.metadata), group_size=self.group_size, weight_version=self.weight_version,
+            prompt_ids=pick(self.prompt_ids),
+            response_ids=pick(self.response_ids),
+            engine_logprobs=pick(self.engine_logprobs),
+            finish_reasons=pick(self.finish_reasons),
+            metadata=pick(self.metadata),
+            group_size=self.group_size,
+            weight_version=self.weight_version,
             responses=pick(self.responses) if self.responses else [],
             rewards=self.rewards[idx] if self.rewards is not None else None,
             advantages=self.advantages[idx] if self.advantages is not None else None,
@@ -74,5 +78,13 @@ class Rollouts:
             mask[start : start + len(response)] = 1.0 if keep else 0.0
             resp[start : start + len(response)] = 1.0
             engine[start : start + len(response)] = torch.tensor(self.engine_logprobs[i], dtype=torch.float32)
-            seqs.append({"ids": ids, "mask": mask, "engine_lp": engine, "resp": resp, "adv": float(self.advantages[i])})
+            seqs.append(
+                {
+                    "ids": ids,
+                    "mask": mask,
+                    "engine_lp": engine,
+                    "resp": resp,
+                    "adv": float(self.advantages[i]),
+                }
+            )
         return seqs

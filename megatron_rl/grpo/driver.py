@@ -12,8 +12,8 @@ from megatron_rl.data.prompts import build_prompt_dataset
 from megatron_rl.environments.base import make_environment
 from megatron_rl.generation.base import token_mult_prob_error
 from megatron_rl.grpo import rollout
-from megatron_rl.grpo.setup import build_engine, build_policy, prepare_model, progress_bar
 from megatron_rl.grpo.ray_utils import init_ray
+from megatron_rl.grpo.setup import build_engine, build_policy, prepare_model, progress_bar
 from megatron_rl.training.run_dir import RunDir
 
 
@@ -39,22 +39,24 @@ def run(cfg: Any) -> int:
     g = cfg.grpo
     policy = build_policy(cfg, model_dir)
     engine = build_engine(cfg, model_dir)
-    step = 0
+    start = 0
     if (ckpt := run_dir.should_resume()) is not None:
         policy.load(str(ckpt / "policy"))
         state = RunDir.trainer_state(ckpt)
-        step = state["step"]
+        start = state["step"]
         data.load_state_dict(state["data"])
-        engine.refit_from(policy, version=step, bucket_mb=cfg.generation.refit_bucket_mb)
-    run_dir.start_logging(step if ckpt is not None else -1)
-    with progress_bar(cfg.run.steps, step) as bar:
-        if step == 0 and cfg.run.eval_every:
+        engine.refit_from(policy, version=start, bucket_mb=cfg.generation.refit_bucket_mb)
+    run_dir.start_logging(start if ckpt is not None else -1)
+    with progress_bar(cfg.run.steps, start) as bar:
+        if start == 0 and cfg.run.eval_every:
             run_dir.log(0, {"eval/accuracy": rollout.evaluate(engine, eval_items, env, cfg.generation)})
-        for step in range(step + 1, cfg.run.steps + 1):
+        for step in range(start + 1, cfg.run.steps + 1):
             t = Timer()
             with t("step"):
                 with t("generate"):
-                    batch, metrics = rollout.collect(engine, data, env, advantage, cfg, seed=cfg.run.seed * 100_003 + step)
+                    batch, metrics = rollout.collect(
+                        engine, data, env, advantage, cfg, seed=cfg.run.seed * 100_003 + step
+                    )
                 seqs = batch.sequences(mask_truncated=g.overlong_filter)
                 if seqs:
                     with t("logprobs"):
@@ -65,14 +67,22 @@ def run(cfg: Any) -> int:
                                 seq["ref_lp"] = lp
                     metrics["train/token_mult_prob_error"] = _mismatch(seqs)
                     with t("train"):
-                        loss_kwargs = dict(clip_low=g.clip_low, clip_high=g.clip_high, dual_clip=g.dual_clip,
-                                           loss_agg=g.loss_agg, kl_coef=g.kl_coef, kl_estimator=g.kl_estimator,
-                                           tis_cap=g.tis_cap)
+                        loss_kwargs = dict(
+                            clip_low=g.clip_low,
+                            clip_high=g.clip_high,
+                            dual_clip=g.dual_clip,
+                            loss_agg=g.loss_agg,
+                            kl_coef=g.kl_coef,
+                            kl_estimator=g.kl_estimator,
+                            tis_cap=g.tis_cap,
+                        )
                         train = policy.train(seqs, g.loss, loss_kwargs)
                     metrics.update({f"train/{k}": v for k, v in train.items() if not k.startswith("memory/")})
                     metrics.update({k: v for k, v in train.items() if k.startswith("memory/")})
                     with t("refit"):
-                        refit = engine.refit_from(policy, version=step, bucket_mb=cfg.generation.refit_bucket_mb)
+                        refit = engine.refit_from(
+                            policy, version=step, bucket_mb=cfg.generation.refit_bucket_mb
+                        )
                     metrics["refit/gb_per_s"] = refit["gb_per_s"]
             metrics.update(t)
             metrics["throughput/tokens_per_s"] = sum(len(s["ids"]) for s in seqs) / t["timing/step_s"]

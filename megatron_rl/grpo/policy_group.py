@@ -11,8 +11,14 @@ from megatron_rl.grpo.ray_utils import gather, remote_class
 
 
 class PolicyGroup:
-    def __init__(self, spec: PolicySpec, world_size: int, gpus_per_rank: float, cpus_per_rank: float,
-                 timeout_s: float = 1800) -> None:
+    def __init__(
+        self,
+        spec: PolicySpec,
+        world_size: int,
+        gpus_per_rank: float,
+        cpus_per_rank: float,
+        timeout_s: float = 1800,
+    ) -> None:
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -54,8 +60,10 @@ class PolicyGroup:
 
     def logprobs(self, seqs: list[dict[str, Any]], reference: bool = False) -> list[torch.Tensor]:
         shards = self._shards(seqs)
-        refs = [w.logprobs.remote([seqs[i] for i in shards[self._dp_rank_of(r)]], reference)
-                for r, w in enumerate(self.workers)]
+        refs = [
+            w.logprobs.remote([seqs[i] for i in shards[self._dp_rank_of(r)]], reference)
+            for r, w in enumerate(self.workers)
+        ]
         results = gather(refs, "logprobs", self.timeout_s)
         out: list[torch.Tensor | None] = [None] * len(seqs)
         for r, res in enumerate(results):
@@ -64,10 +72,14 @@ class PolicyGroup:
                     out[i] = lp
         return out  # type: ignore[return-value]
 
-    def train(self, seqs: list[dict[str, Any]], loss_name: str, loss_kwargs: dict[str, Any]) -> dict[str, float]:
+    def train(
+        self, seqs: list[dict[str, Any]], loss_name: str, loss_kwargs: dict[str, Any]
+    ) -> dict[str, float]:
         shards = self._shards(seqs)
-        refs = [w.train.remote([seqs[i] for i in shards[self._dp_rank_of(r)]], loss_name, loss_kwargs)
-                for r, w in enumerate(self.workers)]
+        refs = [
+            w.train.remote([seqs[i] for i in shards[self._dp_rank_of(r)]], loss_name, loss_kwargs)
+            for r, w in enumerate(self.workers)
+        ]
         return gather(refs, "train step", self.timeout_s)[0]
 
     def save(self, directory: str) -> None:

@@ -81,12 +81,18 @@ class PolicyWorker:
         from megatron_rl.models.hf_config import load_hf_config
         from megatron_rl.policy.core import MegatronPolicy
 
-        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), MASTER_ADDR=master_addr,
-                          MASTER_PORT=str(master_port), LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"))
+        os.environ.update(
+            RANK=str(self.rank),
+            WORLD_SIZE=str(self.world_size),
+            MASTER_ADDR=master_addr,
+            MASTER_PORT=str(master_port),
+            LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"),
+        )
         torch.set_num_threads(max(1, threads))
         distributed.initialize(self.spec.parallel, seed=self.spec.seed)
-        self.policy = MegatronPolicy(load_hf_config(self.spec.hf_dir), self.spec.parallel, self.spec.optim,
-                                     DTYPES[self.spec.dtype])
+        self.policy = MegatronPolicy(
+            load_hf_config(self.spec.hf_dir), self.spec.parallel, self.spec.optim, DTYPES[self.spec.dtype]
+        )
         self.policy.load_hf(self.spec.hf_dir)
         if self.spec.keep_reference:
             # The frozen reference lives in host memory and is swapped in only for its forward pass.
@@ -122,7 +128,9 @@ class PolicyWorker:
                 out[i] = lp[row, : len(seqs[i]["ids"]) - 1].clone()
         return out  # type: ignore[return-value]
 
-    def train(self, seqs: list[dict[str, Any]], loss_name: str, loss_kwargs: dict[str, Any]) -> dict[str, float]:
+    def train(
+        self, seqs: list[dict[str, Any]], loss_name: str, loss_kwargs: dict[str, Any]
+    ) -> dict[str, float]:
         from megatron_rl.algorithms.registry import get_policy_loss
 
         loss = get_policy_loss(loss_name)

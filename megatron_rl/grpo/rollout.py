@@ -12,8 +12,13 @@ from megatron_rl.grpo.batch import Rollouts
 
 def sampling_settings(gen: Any, n: int, seed: int, greedy: bool = False) -> SamplingSettings:
     return SamplingSettings(
-        temperature=0.0 if greedy else gen.temperature, top_p=gen.top_p, top_k=gen.top_k,
-        max_new_tokens=gen.max_new_tokens, stop=list(gen.stop), n=n, seed=seed,
+        temperature=0.0 if greedy else gen.temperature,
+        top_p=gen.top_p,
+        top_k=gen.top_k,
+        max_new_tokens=gen.max_new_tokens,
+        stop=list(gen.stop),
+        n=n,
+        seed=seed,
     )
 
 
@@ -33,7 +38,9 @@ def generate(engine: Any, items: list[dict[str, Any]], sampling: SamplingSetting
     return out
 
 
-def collect(engine: Any, data: Any, env: Any, advantage_fn: Any, cfg: Any, seed: int) -> tuple[Rollouts, dict]:
+def collect(
+    engine: Any, data: Any, env: Any, advantage_fn: Any, cfg: Any, seed: int
+) -> tuple[Rollouts, dict]:
     """One step's rollouts. With dynamic sampling, groups whose rewards are all equal (no learning signal)
     are dropped and more prompts are drawn, up to `max_refill_batches` extra draws."""
     g = cfg.grpo
@@ -41,8 +48,11 @@ def collect(engine: Any, data: Any, env: Any, advantage_fn: Any, cfg: Any, seed:
     n_groups = drawn = 0
     rewards_all: list[torch.Tensor] = []
     for attempt in range(1 + (g.max_refill_batches if g.dynamic_sampling else 0)):
-        batch = generate(engine, data.take(g.prompts_per_step),
-                         sampling_settings(cfg.generation, g.num_generations, seed + attempt))
+        batch = generate(
+            engine,
+            data.take(g.prompts_per_step),
+            sampling_settings(cfg.generation, g.num_generations, seed + attempt),
+        )
         batch.rewards = torch.tensor(env.score(batch.responses, batch.metadata), dtype=torch.float32)
         rewards_all.append(batch.rewards)
         drawn += g.prompts_per_step
@@ -63,7 +73,8 @@ def collect(engine: Any, data: Any, env: Any, advantage_fn: Any, cfg: Any, seed:
         "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
         "response_length/mean": lengths.mean().item() if len(lengths) else 0.0,
         "response_length/max": lengths.max().item() if len(lengths) else 0.0,
-        "rollout/truncated_fraction": sum(f == "length" for f in rollouts.finish_reasons) / max(len(rollouts), 1),
+        "rollout/truncated_fraction": sum(f == "length" for f in rollouts.finish_reasons)
+        / max(len(rollouts), 1),
         "rollout/groups_kept": float(n_groups),
         "rollout/prompts_drawn": float(drawn),
     }

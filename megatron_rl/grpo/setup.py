@@ -38,9 +38,18 @@ def prepare_model(cfg: Any, run_path: Path) -> str:
     from megatron_rl.models.warm_start import sft_warm_start
 
     a = cfg.data.arithmetic
-    sft_warm_start(raw, final, cfg.model.warmup_sft_steps,
-                   {"min_value": a.min_value, "max_value": a.max_value, "ops": list(a.ops),
-                    "num_terms": a.num_terms, "seed": a.seed})
+    sft_warm_start(
+        raw,
+        final,
+        cfg.model.warmup_sft_steps,
+        {
+            "min_value": a.min_value,
+            "max_value": a.max_value,
+            "ops": list(a.ops),
+            "num_terms": a.num_terms,
+            "seed": a.seed,
+        },
+    )
     return str(final)
 
 
@@ -48,19 +57,31 @@ def build_policy(cfg: Any, model_dir: str) -> PolicyGroup:
     from omegaconf import OmegaConf
 
     par = ParallelConfig(**OmegaConf.to_container(cfg.policy.parallel))
-    spec = PolicySpec(hf_dir=model_dir, parallel=par, optim=cfg.policy.optim, dtype=cfg.model.dtype,
-                      seed=cfg.run.seed, micro_batch_tokens=cfg.policy.micro_batch_tokens,
-                      keep_reference=bool(cfg.grpo.kl_coef))
+    spec = PolicySpec(
+        hf_dir=model_dir,
+        parallel=par,
+        optim=cfg.policy.optim,
+        dtype=cfg.model.dtype,
+        seed=cfg.run.seed,
+        micro_batch_tokens=cfg.policy.micro_batch_tokens,
+        keep_reference=bool(cfg.grpo.kl_coef),
+    )
     gpus = 1 if cfg.cluster.gpus_per_node else 0
     return PolicyGroup(spec, world_size(cfg), gpus_per_rank=gpus, cpus_per_rank=cfg.cluster.cpus_per_rank)
 
 
 def build_engine(cfg: Any, model_dir: str) -> EngineClient:
     g = cfg.generation
-    settings = EngineSettings(tp=g.tp, max_model_len=g.max_model_len, gpu_memory_utilization=g.gpu_memory_utilization,
-                              enforce_eager=g.enforce_eager, dtype="bfloat16" if cfg.model.dtype == "bf16" else "float32",
-                              cpu_kv_cache_gb=g.cpu_kv_cache_gb, trust_remote_code=cfg.model.trust_remote_code,
-                              seed=cfg.run.seed)
+    settings = EngineSettings(
+        tp=g.tp,
+        max_model_len=g.max_model_len,
+        gpu_memory_utilization=g.gpu_memory_utilization,
+        enforce_eager=g.enforce_eager,
+        dtype="bfloat16" if cfg.model.dtype == "bf16" else "float32",
+        cpu_kv_cache_gb=g.cpu_kv_cache_gb,
+        trust_remote_code=cfg.model.trust_remote_code,
+        seed=cfg.run.seed,
+    )
     # Colocated on GPU: the engine shares the policy's devices (fractional GPU); separate: its own GPUs.
     gpus = (0.4 if g.colocated else g.tp) if cfg.cluster.gpus_per_node else 0
     return EngineClient(model_dir, settings, num_cpus=cfg.cluster.cpus_per_rank, num_gpus=gpus)
@@ -71,16 +92,26 @@ class _Bar:
         self.progress, self.task = progress, task
 
     def update(self, step: int, m: dict[str, float]) -> None:
-        self.progress.update(self.task, completed=step, reward=m.get("reward/mean", float("nan")),
-                             secs=m.get("timing/step_s", float("nan")))
+        self.progress.update(
+            self.task,
+            completed=step,
+            reward=m.get("reward/mean", float("nan")),
+            secs=m.get("timing/step_s", float("nan")),
+        )
 
 
 @contextmanager
 def progress_bar(total: int, start: int):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    cols = [TextColumn("[bold]GRPO"), BarColumn(), MofNCompleteColumn(), TextColumn("reward {task.fields[reward]:.3f}"),
-            TextColumn("{task.fields[secs]:.1f}s/step"), TimeRemainingColumn()]
+    cols = [
+        TextColumn("[bold]GRPO"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("reward {task.fields[reward]:.3f}"),
+        TextColumn("{task.fields[secs]:.1f}s/step"),
+        TimeRemainingColumn(),
+    ]
     with Progress(*cols) as progress:
         task = progress.add_task("grpo", total=total, completed=start, reward=float("nan"), secs=float("nan"))
         yield _Bar(progress, task)

@@ -78,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
             entry = getattr(importlib.import_module(module), fn)
         except ModuleNotFoundError as exc:
             if exc.name and module.startswith(exc.name):
-                raise UserError(f"Algorithm {algo!r} is not available in this version ({module} missing).") from None
+                raise UserError(
+                    f"Algorithm {algo!r} is not available in this version ({module} missing)."
+                ) from None
             raise
         return int(entry(cfg) or 0)
     except UserError as exc:

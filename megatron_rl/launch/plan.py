@@ -81,10 +81,22 @@ def plan(cfg: Any) -> dict[str, float]:
     kv_cache = max(0.0, g.gpu_memory_utilization * GPU_GB - vllm_weights)
     generation_total = vllm_weights + kv_cache + (weights if g.colocated else 0.0)
     total = max(train_total, generation_total) if g.colocated else train_total
-    return {"params_total_b": total_params / 1e9, "generation_total_gb": generation_total, "params_per_gpu_b": held / 1e9, "dp": dp,
-            "weights_gb": weights, "grads_gb": grads, "optimizer_gb": optim, "activations_gb": activations,
-            "logits_gb": logits, "train_total_gb": train_total, "vllm_weights_gb": vllm_weights,
-            "vllm_kv_cache_gb": kv_cache, "total_gb": total, "budget_gb": GPU_GB * HEADROOM}
+    return {
+        "params_total_b": total_params / 1e9,
+        "generation_total_gb": generation_total,
+        "params_per_gpu_b": held / 1e9,
+        "dp": dp,
+        "weights_gb": weights,
+        "grads_gb": grads,
+        "optimizer_gb": optim,
+        "activations_gb": activations,
+        "logits_gb": logits,
+        "train_total_gb": train_total,
+        "vllm_weights_gb": vllm_weights,
+        "vllm_kv_cache_gb": kv_cache,
+        "total_gb": total,
+        "budget_gb": GPU_GB * HEADROOM,
+    }
 
 
 def main(cfg: Any) -> int:
@@ -95,21 +107,40 @@ def main(cfg: Any) -> int:
     table = Table(title=f"{cfg.recipe}: per-GPU memory plan (H100 80 GB)")
     table.add_column("component")
     table.add_column("GB", justify="right")
-    for key in ("weights_gb", "grads_gb", "optimizer_gb", "activations_gb", "logits_gb", "train_total_gb",
-                "vllm_weights_gb", "vllm_kv_cache_gb", "generation_total_gb", "total_gb", "budget_gb"):
+    for key in (
+        "weights_gb",
+        "grads_gb",
+        "optimizer_gb",
+        "activations_gb",
+        "logits_gb",
+        "train_total_gb",
+        "vllm_weights_gb",
+        "vllm_kv_cache_gb",
+        "generation_total_gb",
+        "total_gb",
+        "budget_gb",
+    ):
         table.add_row(key.removesuffix("_gb"), f"{p[key]:.1f}")
     console = Console(file=sys.stdout)
     console.print(table)
-    console.print(f"params {p['params_total_b']:.1f}B total, {p['params_per_gpu_b']:.2f}B per GPU, dp={p['dp']}")
+    console.print(
+        f"params {p['params_total_b']:.1f}B total, {p['params_per_gpu_b']:.2f}B per GPU, dp={p['dp']}"
+    )
     if p["vllm_weights_gb"] > p["budget_gb"] * cfg.generation.gpu_memory_utilization:
-        print(f"error: does not fit: vLLM weights alone are {p['vllm_weights_gb']:.1f} GB per GPU, more than "
-              f"generation.gpu_memory_utilization allows; raise generation.tp.", file=sys.stderr)
+        print(
+            f"error: does not fit: vLLM weights alone are {p['vllm_weights_gb']:.1f} GB per GPU, more than "
+            f"generation.gpu_memory_utilization allows; raise generation.tp.",
+            file=sys.stderr,
+        )
         return 1
     if p["total_gb"] > p["budget_gb"]:
         biggest = max(("weights_gb", "grads_gb", "optimizer_gb", "activations_gb"), key=p.get)
-        print(f"error: does not fit: {p['total_gb']:.1f} GB > {p['budget_gb']:.1f} GB per GPU; the largest part "
-              f"is {biggest.removesuffix('_gb')} ({p[biggest]:.1f} GB): raise tp/pp/ep, enable recompute, or "
-              f"lower generation.gpu_memory_utilization.", file=sys.stderr)
+        print(
+            f"error: does not fit: {p['total_gb']:.1f} GB > {p['budget_gb']:.1f} GB per GPU; the largest part "
+            f"is {biggest.removesuffix('_gb')} ({p[biggest]:.1f} GB): raise tp/pp/ep, enable recompute, or "
+            f"lower generation.gpu_memory_utilization.",
+            file=sys.stderr,
+        )
         return 1
     print("fits", file=sys.stderr)
     return 0

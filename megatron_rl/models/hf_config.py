@@ -48,7 +48,9 @@ def load_hf_config(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     file = p / "config.json" if p.is_dir() else p
     if not file.is_file():
-        raise UserError(f"No Hugging Face config.json found at {file}: pass a model directory that holds one.")
+        raise UserError(
+            f"No Hugging Face config.json found at {file}: pass a model directory that holds one."
+        )
     try:
         return json.loads(file.read_text())
     except json.JSONDecodeError as exc:
@@ -72,7 +74,9 @@ def _dense_common(hf: dict[str, Any], arch: str) -> dict[str, Any]:
     heads = _require(hf, "num_attention_heads", arch)
     hidden = _require(hf, "hidden_size", arch)
     if hf.get("hidden_act", "silu") != "silu":
-        raise UnsupportedArchitectureError(f"{arch} with hidden_act={hf['hidden_act']!r} is not supported (silu only).")
+        raise UnsupportedArchitectureError(
+            f"{arch} with hidden_act={hf['hidden_act']!r} is not supported (silu only)."
+        )
     if hf.get("sliding_window") and hf.get("use_sliding_window", True) and arch.startswith("Mistral"):
         raise UnsupportedArchitectureError(
             f"{arch} with sliding_window={hf['sliding_window']} is not supported: Megatron's attention here is "
@@ -226,8 +230,17 @@ def transformer_config_from_hf(
     # Our checks first: they say which number to change, Megatron's assertion would not.
     from megatron_rl.parallel import validate_layout
 
-    validate_layout(parallel, ModelShape(kwargs["num_layers"], kwargs["num_attention_heads"],
-                                         kwargs["num_query_groups"], info.vocab_size, info.num_experts), None)
+    validate_layout(
+        parallel,
+        ModelShape(
+            kwargs["num_layers"],
+            kwargs["num_attention_heads"],
+            kwargs["num_query_groups"],
+            info.vocab_size,
+            info.num_experts,
+        ),
+        None,
+    )
     if kwargs.get("variable_seq_lengths") and kwargs["moe_token_dispatcher_type"] == "allgather":
         raise UserError(
             "MoE models with pipeline parallelism (pp>1) need Megatron's alltoall token dispatcher, which "

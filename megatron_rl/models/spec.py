@@ -39,8 +39,16 @@ class SDPAttention(torch.nn.Module):
     Takes Megatron's core-attention interface: q [sq, b, np, hn], k/v [sk, b, ng, hn] -> [sq, b, np*hn].
     """
 
-    def __init__(self, config: Any, layer_number: int, attn_mask_type: Any, attention_type: str,
-                 attention_dropout: float | None = None, softmax_scale: float | None = None, **_: Any) -> None:
+    def __init__(
+        self,
+        config: Any,
+        layer_number: int,
+        attn_mask_type: Any,
+        attention_type: str,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        **_: Any,
+    ) -> None:
         super().__init__()
         from megatron.core.transformer.enums import AttnMaskType
 
@@ -49,15 +57,27 @@ class SDPAttention(torch.nn.Module):
         self.scale = softmax_scale or config.softmax_scale
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any,
-                attn_mask_type: Any = None, attention_bias: Any = None, packed_seq_params: Any = None,
-                ) -> torch.Tensor:
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Any,
+        attn_mask_type: Any = None,
+        attention_bias: Any = None,
+        packed_seq_params: Any = None,
+    ) -> torch.Tensor:
         if packed_seq_params is not None:
             raise ValueError("packed (THD) sequences need Transformer Engine attention")
         sq, b, heads, dim = query.shape
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         out = torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, is_causal=True, scale=self.scale, enable_gqa=k.shape[1] != heads,
+            q,
+            k,
+            v,
+            is_causal=True,
+            scale=self.scale,
+            enable_gqa=k.shape[1] != heads,
             dropout_p=self.dropout if self.training else 0.0,
         )
         return out.permute(2, 0, 1, 3).reshape(sq, b, heads * dim)

@@ -37,8 +37,11 @@ def _train(rank: int, hf_dir: str, out_dir: str, steps: int, arithmetic: dict[st
     load_hf_weights(policy.model, hf_dir)
     tok = AutoTokenizer.from_pretrained(hf_dir)
     # A different seed from the RL prompts: the warm start must not memorise the evaluation problems.
-    data = PromptDataset(ArithmeticProblems(ArithmeticConfig(**{**arithmetic, "seed": 10_000 + arithmetic["seed"]})),
-                         tok, endless=True)
+    data = PromptDataset(
+        ArithmeticProblems(ArithmeticConfig(**{**arithmetic, "seed": 10_000 + arithmetic["seed"]})),
+        tok,
+        endless=True,
+    )
     loss = float("nan")
     for _ in range(steps):
         seqs = []
@@ -54,7 +57,8 @@ def _train(rank: int, hf_dir: str, out_dir: str, steps: int, arithmetic: dict[st
     return loss
 
 
-def sft_warm_start(hf_dir: str | Path, out_dir: str | Path, steps: int, arithmetic: dict[str, Any],
-                   lr: float = 1e-3) -> float:
+def sft_warm_start(
+    hf_dir: str | Path, out_dir: str | Path, steps: int, arithmetic: dict[str, Any], lr: float = 1e-3
+) -> float:
     """Returns the final SFT loss; the warmed-up model is written to `out_dir`."""
     return distributed.spawn(_train, 1, str(hf_dir), str(out_dir), steps, arithmetic, lr)[0]

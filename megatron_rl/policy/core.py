@@ -48,7 +48,9 @@ class MegatronPolicy:
         if train:
             optim = optim or OptimConfig()
             # The distributed optimizer shards state over data-parallel ranks; with one it is pure overhead.
-            sharded = bool(optim.use_distributed_optimizer) and parallel_state.get_data_parallel_world_size() > 1
+            sharded = (
+                bool(optim.use_distributed_optimizer) and parallel_state.get_data_parallel_world_size() > 1
+            )
             chunks = wrap_ddp(chunks, self.config, sharded)
             self.optimizer, self.scheduler = build_optimizer(chunks, optim, dtype, sharded)
             self._wire_grad_hooks(chunks)
@@ -146,8 +148,11 @@ class MegatronPolicy:
         if ok:
             self.scheduler.step(increment=1)
         metrics = self._reduce_metrics(outputs)
-        metrics.update(grad_norm=float(grad_norm or 0.0), lr=self.optimizer.param_groups[0]["lr"],
-                       update_ok=float(bool(ok)))
+        metrics.update(
+            grad_norm=float(grad_norm or 0.0),
+            lr=self.optimizer.param_groups[0]["lr"],
+            update_ok=float(bool(ok)),
+        )
         return metrics
 
     def _reduce_metrics(self, outputs: list[dict[str, torch.Tensor]]) -> dict[str, float]:
@@ -160,7 +165,9 @@ class MegatronPolicy:
             # Only the last stage knows the metric names; every stage must reduce the same tensor.
             box = [keys]
             last = parallel_state.get_pipeline_model_parallel_last_rank()
-            dist.broadcast_object_list(box, src=last, group=parallel_state.get_pipeline_model_parallel_group())
+            dist.broadcast_object_list(
+                box, src=last, group=parallel_state.get_pipeline_model_parallel_group()
+            )
             keys = box[0]
         local = torch.zeros(len(keys) + 1, dtype=torch.float64)
         if self.is_output_rank() and outputs:

@@ -32,8 +32,7 @@ def wrap_ddp(chunks: list[Any], config: Any, use_distributed_optimizer: bool) ->
         use_distributed_optimizer=use_distributed_optimizer,
     )
     wrapped = [
-        DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk,
-                                disable_bucketing=i > 0)
+        DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0)
         for i, chunk in enumerate(chunks)
     ]
     for w in wrapped:

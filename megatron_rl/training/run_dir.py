@@ -101,5 +101,11 @@ def _init_wandb(cfg: Any, path: Path) -> Any:
     for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
         os.environ.setdefault(var, str(path / "wandb"))
     (path / "wandb").mkdir(exist_ok=True)
-    return wandb.init(project=cfg.logger.project, name=cfg.run.name, dir=str(path), mode=mode,
-                      config=OmegaConf.to_container(cfg, resolve=True), reinit="finish_previous")
+    return wandb.init(
+        project=cfg.logger.project,
+        name=cfg.run.name,
+        dir=str(path),
+        mode=mode,
+        config=OmegaConf.to_container(cfg, resolve=True),
+        reinit="finish_previous",
+    )

@@ -62,8 +62,9 @@ def gathered_grads(policy: MegatronPolicy) -> dict[str, torch.Tensor]:
     return grads
 
 
-def _policy(model_dir: str, par: ParallelConfig, ckpt: str | None, lr: float = 1e-3,
-            sharded_optimizer: bool = True) -> MegatronPolicy:
+def _policy(
+    model_dir: str, par: ParallelConfig, ckpt: str | None, lr: float = 1e-3, sharded_optimizer: bool = True
+) -> MegatronPolicy:
     distributed.initialize(par, seed=1234)
     optim = OptimConfig(lr=lr, weight_decay=0.0, use_distributed_optimizer=sharded_optimizer)
     policy = MegatronPolicy(load_hf_config(model_dir), par, optim)
@@ -192,8 +193,9 @@ def hf_roundtrip(rank: int, model_dirs: dict[str, str], layouts: dict[str, list[
             if rank == 0:
                 res["missing"] = sorted(set(original) - set(exported))
                 res["extra"] = sorted(set(exported) - set(original))
-                res["max_diff"] = max((original[k] - exported[k]).abs().max().item()
-                                      for k in original if k in exported)
+                res["max_diff"] = max(
+                    (original[k] - exported[k]).abs().max().item() for k in original if k in exported
+                )
             out[key] = res
     distributed.destroy_model_parallel()
     return out

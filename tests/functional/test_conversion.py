@@ -34,7 +34,7 @@ CASES = [(a, lay) for a in DENSE + ["llama_tied"] for lay in DENSE_LAYOUTS] + [
 ]
 
 
-@pytest.mark.parametrize("arch, layout", CASES, ids=[f"{a}-{l}" for a, l in CASES])
+@pytest.mark.parametrize("arch, layout", CASES, ids=[f"{a}-{lay}" for a, lay in CASES])
 def test_megatron_matches_transformers_and_round_trips(roundtrip, arch, layout):
     res = roundtrip[f"{arch}:{layout}"]
     assert res["logprob_err"] <= 1e-4

@@ -86,8 +86,16 @@ def test_unexpected_tensor(tmp_path, tiny):
 
 
 def test_wrong_shape(tmp_path, tiny):
-    _rewrite(tiny, lambda t: t.update({"model.layers.1.self_attn.o_proj.weight":
-                                       t["model.layers.1.self_attn.o_proj.weight"][:, :64].contiguous()}))
+    _rewrite(
+        tiny,
+        lambda t: t.update(
+            {
+                "model.layers.1.self_attn.o_proj.weight": t["model.layers.1.self_attn.o_proj.weight"][
+                    :, :64
+                ].contiguous()
+            }
+        ),
+    )
     _fails(tmp_path, tiny, "model.layers.1.self_attn.o_proj.weight")
 
 

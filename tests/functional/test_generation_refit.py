@@ -15,7 +15,9 @@ GREEDY = SamplingSettings(temperature=0.0, max_new_tokens=12, n=1)
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("gen")
-    return str(save_tiny_checkpoint(root / "a", "llama", seed=0)), str(save_tiny_checkpoint(root / "b", "llama", seed=1))
+    return str(save_tiny_checkpoint(root / "a", "llama", seed=0)), str(
+        save_tiny_checkpoint(root / "b", "llama", seed=1)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +35,12 @@ def policy(ray_cluster, models):
     from megatron_rl.grpo.policy_worker import PolicySpec
     from megatron_rl.parallel import ParallelConfig
 
-    group = PolicyGroup(PolicySpec(models[1], ParallelConfig(tp=2, sequence_parallel=True)), 2,
-                        gpus_per_rank=0, cpus_per_rank=0.5)
+    group = PolicyGroup(
+        PolicySpec(models[1], ParallelConfig(tp=2, sequence_parallel=True)),
+        2,
+        gpus_per_rank=0,
+        cpus_per_rank=0.5,
+    )
     yield group
     group.shutdown()
 
@@ -43,9 +49,10 @@ def hf_greedy(model_dir: str, prompt: list[int], n: int) -> list[int]:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None,
-                         pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+    out = model.generate(
+        torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
+    return out[0, len(prompt) :].tolist()
 
 
 PROMPT = [3, 89, 87, 73, 86, 203, 21, 27, 15, 22, 25, 35, 4, 203, 3]
@@ -75,8 +82,9 @@ def test_refit_from_tp2_policy_changes_outputs_and_matches_policy_logprobs(engin
         engine_lp[len(PROMPT) - 1 :] = torch.tensor(s.logprobs)
         seqs.append({"ids": ids, "resp": resp, "engine_lp": engine_lp})
     policy_lp = policy.logprobs(seqs)
-    err = token_mult_prob_error(torch.cat(policy_lp), torch.cat([s["engine_lp"] for s in seqs]),
-                                torch.cat([s["resp"] for s in seqs]))
+    err = token_mult_prob_error(
+        torch.cat(policy_lp), torch.cat([s["engine_lp"] for s in seqs]), torch.cat([s["resp"] for s in seqs])
+    )
     assert 1.0 <= err <= 1.001
 
 

@@ -54,9 +54,21 @@ def test_run_directory_and_metrics(learning_run):
     steps = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert steps == ["step_000030", "step_000040"]  # keep_last=2
     row = rows[-1]
-    for key in ("reward/mean", "reward/std", "response_length/mean", "train/loss", "train/clip_fraction",
-                "train/token_mult_prob_error", "timing/generate_s", "timing/logprobs_s", "timing/train_s",
-                "timing/refit_s", "timing/step_s", "throughput/tokens_per_s", "memory/peak_gb"):
+    for key in (
+        "reward/mean",
+        "reward/std",
+        "response_length/mean",
+        "train/loss",
+        "train/clip_fraction",
+        "train/token_mult_prob_error",
+        "timing/generate_s",
+        "timing/logprobs_s",
+        "timing/train_s",
+        "timing/refit_s",
+        "timing/step_s",
+        "throughput/tokens_per_s",
+        "memory/peak_gb",
+    ):
         assert key in row, key
     # fp32 engine and policy on the same weights: the per-token probability ratio is ~1.
     assert all(r["train/token_mult_prob_error"] < 1.001 for r in rows if "train/token_mult_prob_error" in r)
@@ -72,7 +84,9 @@ def test_resume_continues_exactly(tmp_path):
     assert second.returncode == 0, second.stderr[-2000:]
 
     def comparable(rows):
-        return [{k: v for k, v in r.items() if not k.startswith(KEYS_EXCLUDED)} for r in rows if r["step"] > 2]
+        return [
+            {k: v for k, v in r.items() if not k.startswith(KEYS_EXCLUDED)} for r in rows if r["step"] > 2
+        ]
 
     a, b = comparable(metrics(straight)), comparable(metrics(split))
     assert [r["step"] for r in b] == [3, 4]
@@ -90,18 +104,20 @@ def test_kill_during_checkpoint_save_keeps_previous_loadable(tmp_path):
     run_dir = tmp_path / "run"
     proc = launch(f"run.dir={run_dir}", "run.steps=2", "run.checkpoint_every=2", "model.warmup_sft_steps=0")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    script = "\n".join([
-        "import os, time",
-        "from megatron_rl.config.compose import compose",
-        "from megatron_rl.training.run_dir import RunDir",
-        f"cfg = compose('tiny', ['run.dir={run_dir}'])",
-        "def slow(path):",
-        "    os.makedirs(path)",
-        "    open(os.path.join(path, 'part'), 'w').write('x')",
-        "    print('writing', flush=True)",
-        "    time.sleep(60)",
-        "RunDir(cfg).save_checkpoint(4, slow, {'data': {'position': 0}})",
-    ])
+    script = "\n".join(
+        [
+            "import os, time",
+            "from megatron_rl.config.compose import compose",
+            "from megatron_rl.training.run_dir import RunDir",
+            f"cfg = compose('tiny', ['run.dir={run_dir}'])",
+            "def slow(path):",
+            "    os.makedirs(path)",
+            "    open(os.path.join(path, 'part'), 'w').write('x')",
+            "    print('writing', flush=True)",
+            "    time.sleep(60)",
+            "RunDir(cfg).save_checkpoint(4, slow, {'data': {'position': 0}})",
+        ]
+    )
     child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert child.stdout.readline().strip() == "writing"
     os.kill(child.pid, signal.SIGKILL)
@@ -119,7 +135,9 @@ def test_kill_during_checkpoint_save_keeps_previous_loadable(tmp_path):
 def test_malformed_dataset_line_is_named(tmp_path):
     bad = tmp_path / "data.jsonl"
     bad.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2=", "answer": \n')
-    proc = launch(f"run.dir={tmp_path / 'run'}", "data.kind=jsonl", f"data.path={bad}", "model.warmup_sft_steps=0")
+    proc = launch(
+        f"run.dir={tmp_path / 'run'}", "data.kind=jsonl", f"data.path={bad}", "model.warmup_sft_steps=0"
+    )
     assert proc.returncode == 2
     assert f"{bad}:2: not valid JSON" in proc.stderr
 

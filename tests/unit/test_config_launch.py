@@ -28,13 +28,16 @@ def test_oversized_layout_fails_with_a_reason():
         check_layout(compose("llama70b", ["cluster.nodes=1"]))
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["grpo", "conf=tiny", "policy.optim.llr=3"], "Did you mean 'policy.optim.lr'?"),
-    (["grpo", "conf=tiny", "+grpo.new_knob=1"], "Unknown config key 'grpo.new_knob'"),
-    (["grpo", "conf=tiny", "run.steps=many"], "'run.steps' has the wrong type"),
-    (["grpo", "conf=llama7b"], "Unknown recipe 'llama7b'; available: llama70b, llama8b"),
-    (["ppo", "conf=tiny"], "Unknown algorithm 'ppo'"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["grpo", "conf=tiny", "policy.optim.llr=3"], "Did you mean 'policy.optim.lr'?"),
+        (["grpo", "conf=tiny", "+grpo.new_knob=1"], "Unknown config key 'grpo.new_knob'"),
+        (["grpo", "conf=tiny", "run.steps=many"], "'run.steps' has the wrong type"),
+        (["grpo", "conf=llama7b"], "Unknown recipe 'llama7b'; available: llama70b, llama8b"),
+        (["ppo", "conf=tiny"], "Unknown algorithm 'ppo'"),
+    ],
+)
 def test_cli_errors(capsys, argv, message):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
@@ -61,16 +64,30 @@ def test_slurm_script(recipe, nodes, tmp_path):
     assert script.count("ray start --head") == 1 and "ray start --address" in script
     assert "--container-image=nvcr.io/nvidia/nemo-rl:latest" in script
     assert "--container-mounts /lustre:/lustre" in script
-    assert (f"RAY_ADDRESS=auto python -m megatron_rl.launch grpo conf={recipe} run.dir={tmp_path} "
-            f"grpo.kl_coef=0.01 cluster.account=rl_team cluster.launcher=local") in script
+    assert (
+        f"RAY_ADDRESS=auto python -m megatron_rl.launch grpo conf={recipe} run.dir={tmp_path} "
+        f"grpo.kl_coef=0.01 cluster.account=rl_team cluster.launcher=local"
+    ) in script
     path = tmp_path / "job.sbatch"
     path.write_text(script)
     assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
 
 
 def test_dry_run_prints_only_the_script_on_stdout(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "megatron_rl.launch", "grpo", "conf=llama8b", "--dry-run",
-                           f"run.dir={tmp_path}"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "megatron_rl.launch",
+            "grpo",
+            "conf=llama8b",
+            "--dry-run",
+            f"run.dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("#!/bin/bash") and "nothing submitted" in proc.stderr
     assert not (tmp_path / "slurm").exists() or not any((tmp_path / "slurm").rglob("*.sbatch"))
@@ -81,9 +98,16 @@ def test_missing_slurm_settings_are_named():
         render(compose("llama8b", ["cluster.profile=null"]), "grpo", "llama8b", [])
 
 
-@pytest.mark.parametrize("recipe, published_b", [
-    ("llama8b", 8.03), ("llama70b", 70.6), ("qwen3_30b_a3b", 30.5), ("qwen3_235b_a22b", 235.1), ("mixtral8x7b", 46.7),
-])
+@pytest.mark.parametrize(
+    "recipe, published_b",
+    [
+        ("llama8b", 8.03),
+        ("llama70b", 70.6),
+        ("qwen3_30b_a3b", 30.5),
+        ("qwen3_235b_a22b", 235.1),
+        ("mixtral8x7b", 46.7),
+    ],
+)
 def test_planner_fits_every_recipe_and_counts_parameters_like_the_model_cards(recipe, published_b, capsys):
     from megatron_rl.launch.plan import plan
 
@@ -96,7 +120,18 @@ def test_planner_fits_every_recipe_and_counts_parameters_like_the_model_cards(re
 
 def test_planner_rejects_an_oversized_layout(capsys):
     # 70B with tp=1, pp=1 on one node: each GPU would hold all 70B parameters.
-    assert main(["plan", "conf=llama70b", "cluster.nodes=1", "policy.parallel.tp=1", "policy.parallel.pp=1",
-                 "policy.parallel.sequence_parallel=false"]) == 1
+    assert (
+        main(
+            [
+                "plan",
+                "conf=llama70b",
+                "cluster.nodes=1",
+                "policy.parallel.tp=1",
+                "policy.parallel.pp=1",
+                "policy.parallel.sequence_parallel=false",
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert "does not fit" in err and "largest part is grads" in err

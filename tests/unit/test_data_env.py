@@ -64,10 +64,16 @@ def test_jsonl_errors_name_file_and_line(tmp_path):
         read_jsonl(tmp_path / "nope.jsonl", ("prompt",))
 
 
-@pytest.mark.parametrize("text, value", [
-    ("so the total is 42", 42.0), ("\\boxed{-3.5} and 7", -3.5), ("The answer is 1,234.", 1234.0),
-    ("no digits here", None), ("12+7=19", 19.0),
-])
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("so the total is 42", 42.0),
+        ("\\boxed{-3.5} and 7", -3.5),
+        ("The answer is 1,234.", 1234.0),
+        ("no digits here", None),
+        ("12+7=19", 19.0),
+    ],
+)
 def test_extract_answer(text, value):
     assert extract_answer(text) == value
 

@@ -17,8 +17,14 @@ def test_unsupported_architecture_lists_supported_ones():
         transformer_config_from_hf({"architectures": ["GPT2LMHeadModel"]}, ParallelConfig())
     msg = str(e.value)
     assert "GPT2LMHeadModel" in msg
-    for arch in ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM",
-                 "Qwen3MoeForCausalLM", "MixtralForCausalLM"):
+    for arch in (
+        "LlamaForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+        "MistralForCausalLM",
+        "Qwen3MoeForCausalLM",
+        "MixtralForCausalLM",
+    ):
         assert arch in msg
 
 
@@ -29,8 +35,16 @@ def test_unsupported_rope_scaling_is_named():
 
 
 def test_llama3_rope_scaling_translates():
-    hf = tiny_config("llama", rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                                            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    hf = tiny_config(
+        "llama",
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    )
     cfg, info = transformer_config_from_hf(hf, ParallelConfig())
     assert info.rope_scaling and info.rope_scaling_factor == 32.0
     assert cfg.num_query_groups == 2 and cfg.kv_channels == 32
@@ -46,7 +60,11 @@ def test_moe_translation():
 @pytest.mark.parametrize(
     "par, world, pattern",
     [
-        (ParallelConfig(tp=3), 3, r"attention heads \(4\) are not divisible by tp=3.*choose tp among \[1, 2, 4\]"),
+        (
+            ParallelConfig(tp=3),
+            3,
+            r"attention heads \(4\) are not divisible by tp=3.*choose tp among \[1, 2, 4\]",
+        ),
         (ParallelConfig(pp=3), 3, r"layers \(4\) are not divisible by pp\*vpp=3"),
         (ParallelConfig(ep=3), 3, r"experts \(4\) are not divisible by ep=3"),
         (ParallelConfig(tp=1, sequence_parallel=True), 1, r"sequence_parallel=true needs tp>1"),

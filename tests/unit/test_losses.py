@@ -44,8 +44,7 @@ def test_dual_clip_bounds_negative_advantages():
 def test_token_vs_sequence_mean():
     loss = get_policy_loss("clipped_pg")
     old = torch.full((2, 3), LN(0.5))
-    batch = {"old_lp": old, "adv": torch.tensor([1.0, 2.0]),
-             "mask": torch.tensor([[1.0, 0, 0], [1, 1, 1]])}
+    batch = {"old_lp": old, "adv": torch.tensor([1.0, 2.0]), "mask": torch.tensor([[1.0, 0, 0], [1, 1, 1]])}
     # ratio 1 everywhere: per-token loss = -A. token_mean: sum = -1 - 2*3 = -7 over 4 tokens.
     s, n, _ = loss(old.clone(), batch, loss_agg="token_mean")
     assert (s.item(), int(n)) == (pytest.approx(-7.0), 4)
@@ -54,10 +53,13 @@ def test_token_vs_sequence_mean():
     assert (s.item(), int(n)) == (pytest.approx(-3.0), 2)
 
 
-@pytest.mark.parametrize("estimator, expected", [
-    ("k1", LN(0.5) - LN(0.25)),                        # log(pi/ref) = log 2
-    ("k3", 0.5 + (LN(0.5) - LN(0.25)) - 1.0),          # r - log r - 1 with r = ref/pi = 0.5, log r = -log 2
-])
+@pytest.mark.parametrize(
+    "estimator, expected",
+    [
+        ("k1", LN(0.5) - LN(0.25)),  # log(pi/ref) = log 2
+        ("k3", 0.5 + (LN(0.5) - LN(0.25)) - 1.0),  # r - log r - 1 with r = ref/pi = 0.5, log r = -log 2
+    ],
+)
 def test_kl_estimators(estimator, expected):
     lp, batch = mb([1.0], 0.0, ref_lp=torch.tensor([[LN(0.25)]]))
     s, _, m = get_policy_loss("clipped_pg")(lp, batch, kl_coef=0.1, kl_estimator=estimator)
