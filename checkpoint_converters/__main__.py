@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--tolerance", type=float, default=1e-4)
     i = sub.add_parser("inspect", help="architecture, parameters, layout, dtypes, tensors")
     i.add_argument("dir")
+    bench = sub.add_parser("bench", help="convert a ~1B random Llama vs copying its files (JSON)")
+    bench.add_argument("--workdir", default=None)
     return p
 
 
@@ -62,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
             result, ok = validate(args.hf_dir, args.megatron_dir, args.tolerance)
             print(json.dumps({**result, "tolerance": args.tolerance, "ok": ok}))
             return 0 if ok else 1
+        elif args.cmd == "bench":
+            from checkpoint_converters.bench import run_bench
+
+            print(json.dumps(run_bench(args.workdir)))
         else:
             from checkpoint_converters.validate import inspect
 

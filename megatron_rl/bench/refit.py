@@ -108,7 +108,7 @@ def run_refit_bench(models: list[str], cache: str | None = None) -> list[dict[st
 
     root = Path(cache or Path(tempfile.gettempdir()) / "megatron_rl_bench")
     root.mkdir(parents=True, exist_ok=True)
-    init_ray(num_cpus=4)
+    init_ray(num_cpus=4, log_to_driver=False)  # stdout carries only the JSON
     results = []
     for name in models:
         print(f"[bench refit] {name} ...", file=sys.stderr)

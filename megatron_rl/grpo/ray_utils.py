@@ -12,7 +12,7 @@ class WorkerError(RuntimeError):
     """A Ray worker died or raised; the message names the phase and the cause."""
 
 
-def init_ray(num_cpus: int | None = None) -> None:
+def init_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> None:
     import ray
 
     if ray.is_initialized():
@@ -21,9 +21,9 @@ def init_ray(num_cpus: int | None = None) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, include_dashboard=False, log_to_driver=True)
+        ray.init(address=address, include_dashboard=False, log_to_driver=log_to_driver)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=log_to_driver)
 
 
 def remote_class(cls: type) -> Any:
