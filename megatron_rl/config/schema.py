@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from megatron_rl.data.arithmetic import ArithmeticConfig
 from megatron_rl.parallel import ParallelConfig
+from megatron_rl.policy.optim import OptimConfig
 
 
 @dataclass
@@ -31,24 +33,9 @@ class ModelConfig:
 
 
 @dataclass
-class OptimSchema:
-    lr: float = 1e-6
-    min_lr: float = 0.0
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    warmup_steps: int = 0
-    lr_decay_style: str = "constant"
-    lr_decay_steps: int = 1000
-    use_distributed_optimizer: bool = True
-
-
-@dataclass
 class PolicyConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    optim: OptimSchema = field(default_factory=OptimSchema)
+    optim: OptimConfig = field(default_factory=OptimConfig)
     micro_batch_tokens: int = 4096
     max_seq_len: int = 1024
     recompute: str = "none"
@@ -107,22 +94,13 @@ class DPOConfig:
 
 
 @dataclass
-class ArithmeticSchema:
-    min_value: int = 0
-    max_value: int = 9
-    ops: list[str] = field(default_factory=lambda: ["+"])
-    num_terms: int = 2
-    seed: int = 0
-
-
-@dataclass
 class DataConfig:
     kind: str = "arithmetic"
     path: str | None = None
     prompt_key: str = "prompt"
     answer_key: str = "answer"
     system_prompt: str | None = None
-    arithmetic: ArithmeticSchema = field(default_factory=ArithmeticSchema)
+    arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
     val_size: int = 64
 
 

@@ -73,8 +73,10 @@ def build_prompt_dataset(data_cfg: Any, tokenizer: Any) -> PromptDataset:
     from megatron_rl.data.arithmetic import ArithmeticConfig, ArithmeticProblems
 
     if data_cfg.kind == "arithmetic":
+        from omegaconf import OmegaConf
+
         a = data_cfg.arithmetic
-        cfg = ArithmeticConfig(a.min_value, a.max_value, list(a.ops), a.num_terms, a.seed)
+        cfg = ArithmeticConfig(**OmegaConf.to_container(a)) if OmegaConf.is_config(a) else a
         return PromptDataset(ArithmeticProblems(cfg), tokenizer, data_cfg.system_prompt, endless=True)
     if data_cfg.kind == "jsonl":
         if not data_cfg.path:

@@ -37,19 +37,9 @@ def prepare_model(cfg: Any, run_path: Path) -> str:
         return str(raw)
     from megatron_rl.models.warm_start import sft_warm_start
 
-    a = cfg.data.arithmetic
-    sft_warm_start(
-        raw,
-        final,
-        cfg.model.warmup_sft_steps,
-        {
-            "min_value": a.min_value,
-            "max_value": a.max_value,
-            "ops": list(a.ops),
-            "num_terms": a.num_terms,
-            "seed": a.seed,
-        },
-    )
+    from omegaconf import OmegaConf
+
+    sft_warm_start(raw, final, cfg.model.warmup_sft_steps, OmegaConf.to_container(cfg.data.arithmetic))
     return str(final)
 
 
