@@ -35,9 +35,9 @@ def prepare_model(cfg: Any, run_path: Path) -> str:
     raw = save_tiny_checkpoint(run_path / "tiny_random", arch, seed=cfg.run.seed)
     if not cfg.model.warmup_sft_steps:
         return str(raw)
-    from megatron_rl.models.warm_start import sft_warm_start
-
     from omegaconf import OmegaConf
+
+    from megatron_rl.models.warm_start import sft_warm_start
 
     sft_warm_start(raw, final, cfg.model.warmup_sft_steps, OmegaConf.to_container(cfg.data.arithmetic))
     return str(final)
