@@ -38,6 +38,12 @@ def generate(engine: Any, items: list[dict[str, Any]], sampling: SamplingSetting
     return out
 
 
+def informative_groups(rewards: torch.Tensor, group_size: int) -> list[int]:
+    """Groups whose rewards differ: the only ones with a nonzero group-relative advantage."""
+    grouped = rewards.view(-1, group_size)
+    return [i for i in range(grouped.shape[0]) if grouped[i].max() > grouped[i].min()]
+
+
 def collect(
     engine: Any, data: Any, env: Any, advantage_fn: Any, cfg: Any, seed: int
 ) -> tuple[Rollouts, dict]:
@@ -58,8 +64,7 @@ def collect(
         drawn += g.prompts_per_step
         batch.advantages = advantage_fn(batch.rewards, g.num_generations, normalize_std=g.normalize_std)
         if g.dynamic_sampling:
-            grouped = batch.rewards.view(-1, g.num_generations)
-            informative = [i for i in range(grouped.shape[0]) if grouped[i].max() > grouped[i].min()]
+            informative = informative_groups(batch.rewards, g.num_generations)
             batch = batch.select_groups(informative[: g.prompts_per_step - n_groups])
         kept.append(batch)
         n_groups += len(batch) // g.num_generations
