@@ -76,7 +76,14 @@ def test_run_directory_and_metrics(learning_run):
 
 def test_resume_continues_exactly(tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    common = ["run.checkpoint_every=2", "model.warmup_sft_steps=60"]
+    # Dynamic sampling (with refills) and the overlong filter are on, so resume covers their state too.
+    common = [
+        "run.checkpoint_every=2",
+        "model.warmup_sft_steps=60",
+        "grpo.dynamic_sampling=true",
+        "grpo.overlong_filter=true",
+        "generation.max_new_tokens=3",
+    ]
     assert launch(f"run.dir={straight}", "run.steps=4", *common).returncode == 0
     first = launch(f"run.dir={split}", "run.steps=2", *common)
     assert first.returncode == 0, first.stderr[-2000:]
@@ -90,6 +97,7 @@ def test_resume_continues_exactly(tmp_path):
 
     a, b = comparable(metrics(straight)), comparable(metrics(split))
     assert [r["step"] for r in b] == [3, 4]
+    assert all(r["rollout/groups_kept"] <= 16 and r["rollout/prompts_drawn"] >= 16 for r in a)
     for ra, rb in zip(a, b):
         assert ra.keys() == rb.keys()
         for k in ra:
