@@ -18,6 +18,6 @@ def ray_cluster():
 
     from megatron_rl.grpo.ray_utils import init_ray
 
-    init_ray(num_cpus=4)
+    init_ray(num_cpus=4, log_to_driver=False)  # keep actor logs out of the test report
     yield ray
     ray.shutdown()
