@@ -37,6 +37,10 @@ def run(cfg: Any) -> int:
     eval_items = held_out.take(cfg.run.eval_size)
     env, advantage = make_environment(cfg.env.name), get_advantage(cfg.grpo.advantage)
     g = cfg.grpo
+    loss_settings = {
+        k: g[k]
+        for k in ("clip_low", "clip_high", "dual_clip", "loss_agg", "kl_coef", "kl_estimator", "tis_cap")
+    }
     policy = build_policy(cfg, model_dir)
     engine = build_engine(cfg, model_dir)
     start = 0
@@ -67,18 +71,10 @@ def run(cfg: Any) -> int:
                                 seq["ref_lp"] = lp
                     metrics["train/token_mult_prob_error"] = _mismatch(seqs)
                     with t("train"):
-                        loss_kwargs = dict(
-                            clip_low=g.clip_low,
-                            clip_high=g.clip_high,
-                            dual_clip=g.dual_clip,
-                            loss_agg=g.loss_agg,
-                            kl_coef=g.kl_coef,
-                            kl_estimator=g.kl_estimator,
-                            tis_cap=g.tis_cap,
-                        )
-                        train = policy.train(seqs, g.loss, loss_kwargs)
-                    metrics.update({f"train/{k}": v for k, v in train.items() if not k.startswith("memory/")})
-                    metrics.update({k: v for k, v in train.items() if k.startswith("memory/")})
+                        train = policy.train(seqs, g.loss, loss_settings)
+                    metrics.update(
+                        {k if k.startswith("memory/") else f"train/{k}": v for k, v in train.items()}
+                    )
                     with t("refit"):
                         refit = engine.refit_from(
                             policy, version=step, bucket_mb=cfg.generation.refit_bucket_mb
