@@ -13,6 +13,37 @@ from typing import Any
 
 import torch.distributed as dist
 
+# The distributed optimizer's default format (fully_sharded_model_space) needs flattened ShardedTensors,
+# which torch_dist no longer saves; "dp_reshardable" writes each rank's buffers as they are (fully parallel,
+# reshardable across data-parallel sizes). Save and load must name the same format.
+_OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def _optimizer_state(policy: Any, model_sd: dict[str, Any], is_loading: bool) -> dict[str, Any]:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    optimizers = getattr(policy.optimizer, "chained_optimizers", [policy.optimizer])
+    if any(isinstance(o, DistributedOptimizer) for o in optimizers):
+        return policy.optimizer.sharded_state_dict(
+            model_sd, is_loading=is_loading, metadata=_OPTIMIZER_FORMAT
+        )
+    return policy.optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+
+
+def _materialize_optimizer_state(policy: Any) -> None:
+    """A fresh torch Adam has no state until its first step, but loading needs the state tensors (and, on
+    the torch-Adam path Megatron uses without Apex/TE, a 'step') to exist as targets."""
+    import torch
+
+    for opt in getattr(policy.optimizer, "chained_optimizers", [policy.optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None or getattr(opt, "init_state_fn", None) is None:
+            continue
+        opt.init_state_fn(inner, getattr(opt, "config", None))
+        for group in inner.param_groups:
+            for p in group["params"]:
+                inner.state[p].setdefault("step", torch.tensor(0.0))
+
 
 def _chunks(policy: Any) -> list[Any]:
     # DDP wrappers prefix keys with "module."; checkpoints hold the bare model's keys.
@@ -40,7 +71,7 @@ def save_checkpoint(policy: Any, directory: str | Path, with_optimizer: bool = T
     _barrier()
     state: dict[str, Any] = {"model": _model_sharded_state_dict(policy)}
     if with_optimizer and policy.optimizer is not None:
-        state["optimizer"] = policy.optimizer.sharded_state_dict(state["model"])
+        state["optimizer"] = _optimizer_state(policy, state["model"], is_loading=False)
         state["scheduler"] = policy.scheduler.state_dict()
     dist_checkpointing.save(state, str(tmp))
     _barrier()
@@ -66,7 +97,8 @@ def load_checkpoint(policy: Any, directory: str | Path, with_optimizer: bool = T
     model_sd = _model_sharded_state_dict(policy)
     state: dict[str, Any] = {"model": model_sd}
     if with_optimizer and policy.optimizer is not None:
-        state["optimizer"] = policy.optimizer.sharded_state_dict(model_sd, is_loading=True)
+        _materialize_optimizer_state(policy)
+        state["optimizer"] = _optimizer_state(policy, model_sd, is_loading=True)
     loaded = dist_checkpointing.load(state, str(path))
     chunks = _chunks(policy)
     if len(chunks) == 1:
@@ -75,7 +107,10 @@ def load_checkpoint(policy: Any, directory: str | Path, with_optimizer: bool = T
         for i, c in enumerate(chunks):
             c.load_state_dict(loaded["model"][f"model{i}"])
     if with_optimizer and policy.optimizer is not None and "optimizer" in loaded:
-        policy.optimizer.load_state_dict(loaded["optimizer"])
+        import torch
+
+        with torch.no_grad():  # it copies into views of parameters that require grad
+            policy.optimizer.load_state_dict(loaded["optimizer"])
         if "scheduler" in loaded:
             policy.scheduler.load_state_dict(loaded["scheduler"])
 

@@ -199,3 +199,19 @@ def hf_roundtrip(rank: int, model_dirs: dict[str, str], layouts: dict[str, list[
             out[key] = res
     distributed.destroy_model_parallel()
     return out
+
+
+def optimizer_checkpoint_resume(rank: int, model_dir: str, work: str) -> dict[str, float]:
+    """world 2, dp=2 with the distributed optimizer: step, save (model + optimizer + LR), step; a fresh policy
+    that loads the checkpoint must take the identical second step."""
+    ids = fixed_batch(seed=5)
+    mbs = [{"input_ids": ids[:1]}, {"input_ids": ids[1:]}]
+    first = _policy(model_dir, ParallelConfig(), None)
+    first.train_step(mbs, nll_loss)
+    save_checkpoint(first, f"{work}/resume")
+    straight = first.train_step(mbs, nll_loss)["loss"]
+    again = _policy(model_dir, ParallelConfig(), None)
+    load_checkpoint(again, f"{work}/resume")
+    resumed = again.train_step(mbs, nll_loss)["loss"]
+    distributed.destroy_model_parallel()
+    return {"straight": straight, "resumed": resumed}

@@ -81,3 +81,8 @@ def test_every_architecture_builds_and_trains(tiny_dirs):
     assert any("q_layernorm" in n for n in out["qwen3"]["names"])
     assert any("local_experts" in n for n in out["mixtral"]["names"])
     assert not any("q_layernorm" in n for n in out["llama"]["names"])
+
+
+def test_distributed_optimizer_checkpoint_resumes_exactly(tiny_dirs, tmp_path):
+    for r in distributed.spawn(sc.optimizer_checkpoint_resume, 2, tiny_dirs["llama"], str(tmp_path)):
+        assert r["resumed"] == r["straight"]
