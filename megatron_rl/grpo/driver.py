@@ -86,7 +86,8 @@ def run(cfg: Any) -> int:
                 metrics["eval/accuracy"] = rollout.evaluate(engine, eval_items, env, cfg.generation)
             run_dir.log(step, metrics)
             bar.update(step, metrics)
-            if step % cfg.run.checkpoint_every == 0 or step == cfg.run.steps:
+            # checkpoint_every=0: only the final checkpoint
+            if (cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0) or step == cfg.run.steps:
                 run_dir.save_checkpoint(step, policy.save, {"data": data.state_dict()})
     if cfg.run.export_hf_at_end:
         from checkpoint_converters.hf_io import write_hf_checkpoint
