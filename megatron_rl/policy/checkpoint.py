@@ -111,8 +111,36 @@ def load_checkpoint(policy: Any, directory: str | Path, with_optimizer: bool = T
 
         with torch.no_grad():  # it copies into views of parameters that require grad
             policy.optimizer.load_state_dict(loaded["optimizer"])
+        _restore_adam_steps(policy, loaded["optimizer"])
         if "scheduler" in loaded:
             policy.scheduler.load_state_dict(loaded["scheduler"])
+
+
+def _restore_adam_steps(policy: Any, loaded: Any) -> None:
+    """megatron-core 0.16's DistributedOptimizer on the torch-Adam path (no TE/Apex) takes each parameter's
+    'step' from the dp_reshardable param state, which holds the load-time template's value (0), and leaves
+    every parameter sharing one step tensor: Adam's bias correction would restart after a resume and the
+    shared counter would advance once per parameter. The saved step is in the param groups; give every
+    parameter its own counter holding it. (Found by the SFT dp=2 exact-resume test.)"""
+    import torch
+
+    optimizers = getattr(policy.optimizer, "chained_optimizers", [policy.optimizer])
+    if len(optimizers) == 1:
+        states = [loaded]
+    else:
+        states = [v for _, v in sorted(loaded.items())] if isinstance(loaded, dict) else list(loaded)
+    for opt, sd in zip(optimizers, states):
+        inner = getattr(opt, "optimizer", None)
+        groups = sd.get("optimizer", {}).get("param_groups", []) if isinstance(sd, dict) else []
+        steps = {float(g["step"]) for g in groups if g.get("step") is not None}
+        if inner is None or len(steps) != 1:
+            continue
+        step = steps.pop()
+        for group in inner.param_groups:
+            for p in group["params"]:
+                state = inner.state.get(p)
+                if state and torch.is_tensor(state.get("step")):
+                    state["step"] = torch.tensor(step, dtype=state["step"].dtype, device=state["step"].device)
 
 
 def _barrier() -> None:
