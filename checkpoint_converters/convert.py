@@ -1,147 +1,253 @@
-"""Offline conversions, run in a local world of Megatron ranks (one per shard of the target layout).
+"""Offline conversions HF <-> Megatron torch_dist, streamed tensor by tensor in one process.
 
 A converted Megatron checkpoint directory holds:
     model/          Megatron distributed checkpoint (torch_dist), loadable at any TP/PP/EP layout
     hf_config/      the source config.json and tokenizer files (so the way back needs nothing else)
-    conversion.json architecture, source, layout, dtype
-Everything is assembled in `<out>.tmp` and renamed into place when complete.
+    conversion.json architecture, source, layout, dtypes
+Every input is checked (architecture, layout, tensor names and shapes, file integrity) before anything is
+written; outputs are assembled in `<out>.tmp` and renamed into place when complete.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from megatron_rl import distributed
+from checkpoint_converters.hf_io import (
+    HFCheckpoint,
+    StreamingHFWriter,
+    commit_output,
+    copy_side_files,
+    prepare_output,
+)
+from checkpoint_converters.mapping import mapping_for
+from checkpoint_converters.transforms import to_megatron_pieces
 from megatron_rl.errors import UserError
-from megatron_rl.parallel import ParallelConfig
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def layout_world(tp: int, pp: int, ep: int) -> tuple[ParallelConfig, int]:
-    """Expert TP is 1 for conversions, so experts spread over data-parallel ranks: world = pp * lcm(tp, ep)."""
-    par = ParallelConfig(tp=tp, pp=pp, ep=ep, etp=1 if ep > 1 else None)
-    return par, pp * math.lcm(tp, ep)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_HF_DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _build(hf_config: dict[str, Any], par: ParallelConfig, dtype: str) -> Any:
-    from megatron_rl.policy.core import MegatronPolicy
-
-    distributed.initialize(par, seed=0)
-    return MegatronPolicy(hf_config, par, dtype=DTYPES[dtype], train=False)
-
-
-def _hf_to_megatron_rank(rank: int, hf_dir: str, tmp: str, par: ParallelConfig, dtype: str) -> None:
-    from megatron_rl.models.hf_config import load_hf_config
-    from megatron_rl.policy.checkpoint import save_checkpoint
-
-    policy = _build(load_hf_config(hf_dir), par, dtype)
-    policy.load_hf(hf_dir)
-    save_checkpoint(policy, Path(tmp) / "model", with_optimizer=False)
-    distributed.destroy_model_parallel()
-
-
-def _prepare_out(out: Path, overwrite: bool) -> Path:
-    if out.exists() and not overwrite:
+def _refuse_existing(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:  # checked first: nothing else needs doing then
         raise UserError(f"Output directory {out} already exists; pass --overwrite to replace it.")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
 
 
-def _commit(tmp: Path, out: Path) -> Path:
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+def _check_layout(hf: dict[str, Any], tp: int, pp: int, ep: int) -> dict[str, int]:
+    from megatron_rl.models.hf_config import transformer_config_from_hf
+    from megatron_rl.parallel import ParallelConfig
+
+    # Raises a LayoutError naming the valid choices (e.g. tp among the divisors of the KV heads).
+    transformer_config_from_hf(hf, ParallelConfig(tp=tp, pp=pp, ep=ep, etp=1 if ep > 1 else None))
+    return {"tp": tp, "pp": pp, "ep": ep}
+
+
+def _check_hf_tensors(ckpt: HFCheckpoint, maps: list[Any], tied: bool, arch: str) -> None:
+    """Every expected tensor present with its shape, nothing unexpected: checked before writing."""
+    expected = {h: shape for m in maps for h, shape in zip(m.hf_names, m.hf_shapes)}
+    have = set(ckpt.names())
+    missing = [h for h in expected if h not in have]
+    if missing:
+        raise UserError(
+            f"Tensor {missing[0]!r} is missing from the checkpoint in {ckpt.dir} ({len(missing)} of the "
+            f"{len(expected)} tensors {arch} needs are missing)."
+        )
+    extra = sorted(have - set(expected) - ({"lm_head.weight"} if tied else set()))
+    if extra:
+        raise UserError(
+            f"{len(extra)} unexpected tensor(s) in {ckpt.dir} for {arch}, e.g. {extra[0]!r} in "
+            f"{ckpt.info(extra[0]).file.name}: the checkpoint does not match its config.json."
+        )
+    for h, shape in expected.items():
+        info = ckpt.info(h)
+        if info.shape != shape:
+            raise UserError(
+                f"Tensor {h!r} in {info.file} has shape {list(info.shape)}, but config.json for {arch} "
+                f"implies {list(shape)}."
+            )
 
 
 def hf_to_megatron(
-    hf_dir: str, out: str, tp: int = 1, pp: int = 1, ep: int = 1, dtype: str = "fp32", overwrite: bool = False
+    hf_dir: str,
+    out: str,
+    tp: int = 1,
+    pp: int = 1,
+    ep: int = 1,
+    dtype: str = "fp32",
+    overwrite: bool = False,
+    progress: bool = True,
 ) -> Path:
-    from checkpoint_converters.hf_io import _SIDE_FILES, HFCheckpoint
-    from checkpoint_converters.live import check_no_unexpected
-    from checkpoint_converters.mapping import mapping_for
-    from megatron_rl.models.hf_config import architecture_of, load_hf_config, transformer_config_from_hf
-    from megatron_rl.parallel import validate_layout
+    """HF safetensors -> Megatron torch_dist. The written checkpoint is the same whatever the layout (it
+    stores global tensors); tp/pp/ep are checked against the model and recorded as its intended layout."""
+    from checkpoint_converters.dist_ckpt import meta_model, param_maps, single_process_world
+    from checkpoint_converters.dist_writer import write_torch_dist
+    from checkpoint_converters.progress import byte_progress
+    from megatron_rl.models.hf_config import architecture_of, load_hf_config
 
+    _refuse_existing(Path(out), overwrite)
     hf = load_hf_config(hf_dir)
     arch = architecture_of(hf)
-    par, world = layout_world(tp, pp, ep)
-    cfg, info = transformer_config_from_hf(hf, par)
-    validate_layout(par, info.shape(cfg), world)
-    # Fail on a bad source before any process starts or anything is written.
-    check_no_unexpected(HFCheckpoint(hf_dir), mapping_for(arch), hf)
+    mapping = mapping_for(arch)
+    if dtype not in DTYPES:
+        raise UserError(f"Unknown dtype {dtype!r}; choose among {sorted(DTYPES)}.")
+    layout = _check_layout(hf, tp, pp, ep)
+    ckpt = HFCheckpoint(hf_dir)
+    torch_dtype = DTYPES[dtype]
     out_path = Path(out)
-    tmp = _prepare_out(out_path, overwrite)
-    try:
-        distributed.spawn(_hf_to_megatron_rank, world, hf_dir, str(tmp), par, dtype)
-        (tmp / "hf_config").mkdir()
-        for f in _SIDE_FILES:
-            if (Path(hf_dir) / f).is_file():
-                shutil.copy2(Path(hf_dir) / f, tmp / "hf_config" / f)
-        meta = {
-            "architecture": arch,
-            "source": str(Path(hf_dir).resolve()),
-            "dtype": dtype,
-            "saved_layout": {"tp": tp, "pp": pp, "ep": ep},
-            "format": "torch_dist",
-        }
-        (tmp / "conversion.json").write_text(json.dumps(meta, indent=2))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return _commit(tmp, out_path)
+    with single_process_world():
+        model, cfg, info = meta_model(hf, torch_dtype)
+        maps = param_maps(model, mapping)
+        _check_hf_tensors(ckpt, maps, info.tie_word_embeddings, arch)
+        by_name = {m.name: m for m in maps}
+        heads, groups = cfg.num_attention_heads, cfg.num_query_groups
+        tmp = prepare_output(out_path, overwrite)
+        try:
+            with byte_progress(f"hf-to-megatron {arch}", sum(m.nbytes for m in maps), progress) as advance:
+
+                def param_pieces(name: str) -> list[torch.Tensor]:
+                    m = by_name[name]
+                    parts = [ckpt.get(h) for h in m.hf_names]
+                    pieces = to_megatron_pieces(m.kind, parts, 0, 1, heads, groups)
+                    return [p.to(torch_dtype) for p in pieces]
+
+                write_torch_dist(
+                    tmp / "model", model, param_pieces, lambda name: advance(by_name[name].nbytes)
+                )
+            (tmp / "hf_config").mkdir()
+            copy_side_files(hf_dir, tmp / "hf_config")
+            source_dtype = {str(ckpt.info(h).dtype).removeprefix("torch.") for m in maps for h in m.hf_names}
+            meta = {
+                "architecture": arch,
+                "source": str(Path(hf_dir).resolve()),
+                "dtype": dtype,
+                "hf_dtype": source_dtype.pop() if len(source_dtype) == 1 else None,
+                "layout": layout,
+                "format": "torch_dist",
+                "parameters": sum(int(torch.Size(m.shape).numel()) for m in maps),
+            }
+            (tmp / "conversion.json").write_text(json.dumps(meta, indent=2))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            ckpt.close()
+    return commit_output(tmp, out_path)
 
 
-def _read_megatron_dir(megatron_dir: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    from megatron_rl.models.hf_config import load_hf_config
-
+def read_megatron_dir(
+    megatron_dir: str, hf_config_dir: str | None = None
+) -> tuple[Path, Path, dict[str, Any]]:
+    """(torch_dist dir, dir with config.json + tokenizer, conversion metadata) of a converted directory,
+    or of a bare torch_dist checkpoint (e.g. a training checkpoint) plus `hf_config_dir`."""
     root = Path(megatron_dir)
-    if not (root / "conversion.json").is_file() or not (root / "model" / "metadata.json").is_file():
+    if (root / "conversion.json").is_file():
+        meta = json.loads((root / "conversion.json").read_text())
+        ckpt, cfg = root / "model", Path(hf_config_dir) if hf_config_dir else root / "hf_config"
+    elif (root / "metadata.json").is_file():
+        if hf_config_dir is None:
+            raise UserError(
+                f"{root} is a bare Megatron checkpoint without the HF config it was made from; pass "
+                f"--hf-config DIR (a directory with the model's config.json and tokenizer files)."
+            )
+        meta, ckpt, cfg = {}, root, Path(hf_config_dir)
+    else:
         raise UserError(
-            f"{root} is not a converted Megatron checkpoint (expected conversion.json and "
-            f"model/metadata.json; create one with hf-to-megatron)."
+            f"{root} is not a Megatron checkpoint (expected conversion.json + model/ from hf-to-megatron, or "
+            f"a torch_dist directory with metadata.json)."
         )
-    return json.loads((root / "conversion.json").read_text()), load_hf_config(root / "hf_config")
+    if not (ckpt / "metadata.json").is_file():
+        raise UserError(f"{ckpt} is not a Megatron distributed checkpoint (no metadata.json).")
+    return ckpt, cfg, meta
 
 
-def _megatron_to_hf_rank(rank: int, megatron_dir: str, tmp: str, par: ParallelConfig, dtype: str) -> None:
-    from checkpoint_converters.hf_io import ShardedWriter
-    from checkpoint_converters.live import export_hf_weights
-    from megatron_rl.policy.checkpoint import load_checkpoint
-
-    _, hf = _read_megatron_dir(megatron_dir)
-    policy = _build(hf, par, dtype)
-    load_checkpoint(policy, Path(megatron_dir) / "model", with_optimizer=False)
-    writer = ShardedWriter(Path(tmp))
-    for name, tensor in export_hf_weights(policy.model):
-        writer.add(name, tensor)
-    if rank == 0:
-        writer.close()
-    distributed.destroy_model_parallel()
+def _output_dtype(dtype: str | None, meta: dict[str, Any], hf: dict[str, Any]) -> torch.dtype | None:
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise UserError(f"Unknown dtype {dtype!r}; choose among {sorted(DTYPES)}.")
+        return DTYPES[dtype]
+    # Back to the dtype the HF model had, so HF -> Megatron -> HF is exact.
+    name = meta.get("hf_dtype") or hf.get("dtype") or hf.get("torch_dtype")
+    return _HF_DTYPE_NAMES.get(name)
 
 
 def megatron_to_hf(
-    megatron_dir: str, out: str, tp: int = 1, pp: int = 1, ep: int = 1, overwrite: bool = False
+    megatron_dir: str,
+    out: str,
+    hf_config_dir: str | None = None,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    shard_bytes: int = 2 * 1024**3,
+    progress: bool = True,
 ) -> Path:
-    meta, _ = _read_megatron_dir(megatron_dir)
-    par, world = layout_world(tp, pp, ep)
+    """Megatron torch_dist -> HF safetensors shards + index + config + tokenizer, one layer at a time."""
+    from checkpoint_converters.dist_ckpt import TorchDistReader, meta_model, param_maps, single_process_world
+    from checkpoint_converters.progress import byte_progress
+    from checkpoint_converters.transforms import to_hf
+    from megatron_rl.models.hf_config import architecture_of, load_hf_config
+
+    _refuse_existing(Path(out), overwrite)
+    ckpt_dir, cfg_dir, meta = read_megatron_dir(megatron_dir, hf_config_dir)
+    hf = load_hf_config(cfg_dir)
+    arch = architecture_of(hf)
+    mapping = mapping_for(arch)
+    out_dtype = _output_dtype(dtype, meta, hf)
     out_path = Path(out)
-    tmp = _prepare_out(out_path, overwrite)
-    try:
-        distributed.spawn(_megatron_to_hf_rank, world, megatron_dir, str(tmp), par, meta["dtype"])
-        for f in (Path(megatron_dir) / "hf_config").iterdir():
-            shutil.copy2(f, tmp / f.name)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return _commit(tmp, out_path)
+    with single_process_world():
+        model, cfg, _ = meta_model(hf, torch.float32)
+        reader = TorchDistReader(ckpt_dir, model)
+        maps = param_maps(model, mapping)
+        plan = [
+            (h, shape, out_dtype or reader.dtypes[m.name])
+            for m in maps
+            for h, shape in zip(m.hf_names, m.hf_shapes)
+        ]
+        tmp = prepare_output(out_path, overwrite)
+        try:
+            writer = StreamingHFWriter(tmp, plan, shard_bytes)
+            heads, groups = cfg.num_attention_heads, cfg.num_query_groups
+            with byte_progress(f"megatron-to-hf {arch}", writer.total, progress) as advance:
+                for m, tensor in _read_ahead(reader, maps):
+                    for h, t in zip(m.hf_names, to_hf(m.kind, [tensor], heads, groups)):
+                        t = t.to(out_dtype) if out_dtype is not None else t
+                        writer.write(h, t)
+                        advance(t.numel() * t.element_size())
+                    del tensor
+            writer.close()
+            copy_side_files(cfg_dir, tmp)
+            if out_dtype is not None:
+                _set_config_dtype(tmp / "config.json", out_dtype)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return commit_output(tmp, out_path)
+
+
+def _read_ahead(reader: Any, maps: list[Any]) -> Iterator[tuple[Any, torch.Tensor]]:
+    """(ParamMap, tensor) in order, the next parameter being read in a background thread meanwhile (file
+    reads release the GIL), so at most two parameters are held."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from checkpoint_converters.dist_writer import release_free_memory
+
+    with ThreadPoolExecutor(1, thread_name_prefix="ckpt-read") as pool:
+        pending = pool.submit(reader.read, [maps[0].name]) if maps else None
+        for i, m in enumerate(maps):
+            loaded = pending.result()[m.name]
+            pending = pool.submit(reader.read, [maps[i + 1].name]) if i + 1 < len(maps) else None
+            yield m, loaded
+            del loaded
+            release_free_memory()
+
+
+def _set_config_dtype(path: Path, dtype: torch.dtype) -> None:
+    cfg = json.loads(path.read_text())
+    name = str(dtype).removeprefix("torch.")
+    keys = [k for k in ("dtype", "torch_dtype") if k in cfg] or ["dtype"]
+    if any(cfg.get(k) != name for k in keys):  # untouched otherwise, so a round trip gives back the same file
+        cfg.update({k: name for k in keys})
+        path.write_text(json.dumps(cfg, indent=2) + "\n")

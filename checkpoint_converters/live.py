@@ -15,7 +15,8 @@ import torch.distributed as dist
 
 from checkpoint_converters.hf_io import HFCheckpoint
 from checkpoint_converters.mapping import ArchMapping, Rule, mapping_for, resolve
-from checkpoint_converters.transforms import to_hf, to_megatron
+from checkpoint_converters.transforms import assemble, hf_slices, to_hf
+from megatron_rl import platform
 from megatron_rl.errors import UserError
 
 _TIED_OUTPUT = Rule("output_layer.weight", ("model.embed_tokens.weight",), "row")
@@ -82,40 +83,52 @@ def check_no_unexpected(ckpt: HFCheckpoint, mapping: ArchMapping, hf_config: dic
     if extra:
         raise UserError(
             f"{len(extra)} unexpected tensor(s) in {ckpt.dir} for {hf_config['architectures'][0]}, e.g. "
-            f"{extra[0]!r} in {ckpt.location[extra[0]]}: the checkpoint does not match its config.json."
+            f"{extra[0]!r} in {ckpt.info(extra[0]).file.name}: the checkpoint does not match its config.json."
         )
 
 
 def load_hf_weights(chunks: list[Any], hf_dir: str | Path) -> None:
-    """Copies this rank's shard of every parameter from an HF checkpoint (each rank reads only its tensors)."""
+    """Copies this rank's shard of every parameter from an HF checkpoint. Each rank reads only the bytes of
+    its own slices (whole rows for dim-0 splits), one tensor at a time."""
     from megatron_rl.models.hf_config import architecture_of, load_hf_config
 
     hf_config = load_hf_config(hf_dir)
     mapping = mapping_for(architecture_of(hf_config))
     ckpt = HFCheckpoint(hf_dir)
     check_no_unexpected(ckpt, mapping, hf_config)
-    for chunk in chunks:
-        model = _unwrap(chunk)
-        ctx = _context(model)
-        for name, param in model.named_parameters():
-            rule, hf_names = _resolve(mapping, name, ctx, for_load=True)
-            rank, size, _ = _tp(rule.expert)
-            tensors = [ckpt.get(n) for n in hf_names]
-            try:
-                shard = to_megatron(rule.kind, tensors, rank, size, ctx["heads"], ctx["groups"])
-            except RuntimeError as exc:
-                raise UserError(
-                    f"Tensor(s) {list(hf_names)} in {ckpt.dir} have shapes "
-                    f"{[tuple(t.shape) for t in tensors]} that do not fit {name} ({exc})."
-                ) from exc
-            if shard.shape != param.shape:
-                where = ckpt.location.get(hf_names[0], "?")
-                raise UserError(
-                    f"Tensor {hf_names[0]!r} in {ckpt.dir / where} has shape {tuple(tensors[0].shape)}, which "
-                    f"gives {tuple(shard.shape)} for {name} but the model expects {tuple(param.shape)}."
-                )
-            with torch.no_grad():
-                param.copy_(shard)
+    try:
+        for chunk in chunks:
+            model = _unwrap(chunk)
+            ctx = _context(model)
+            for name, param in model.named_parameters():
+                rule, hf_names = _resolve(mapping, name, ctx, for_load=True)
+                with torch.no_grad():
+                    param.copy_(_read_shard(ckpt, rule, hf_names, name, tuple(param.shape), ctx))
+    finally:
+        ckpt.close()
+
+
+def _read_shard(
+    ckpt: HFCheckpoint, rule: Rule, hf_names: tuple[str, ...], name: str, shape: tuple[int, ...], ctx: dict
+) -> torch.Tensor:
+    rank, size, _ = _tp(rule.expert)
+    infos = [ckpt.info(n) for n in hf_names]
+    where = f"{ckpt.dir / infos[0].file.name}"
+    try:
+        pieces = hf_slices(rule.kind, [i.shape for i in infos], rank, size)
+        parts = [ckpt.get(n, p) for n, p in zip(hf_names, pieces)]
+        shard = assemble(rule.kind, parts, ctx["heads"], ctx["groups"], size)
+    except (RuntimeError, IndexError) as exc:
+        raise UserError(
+            f"Tensor(s) {list(hf_names)} in {where} have shapes {[list(i.shape) for i in infos]} that do not "
+            f"fit {name} ({exc})."
+        ) from exc
+    if tuple(shard.shape) != shape:
+        raise UserError(
+            f"Tensor {hf_names[0]!r} in {where} has shape {list(infos[0].shape)}, which gives "
+            f"{list(shard.shape)} for {name} but the model expects {list(shape)}."
+        )
+    return shard
 
 
 def _entries(chunks: list[Any], mapping: ArchMapping) -> list[dict[str, Any]]:
@@ -184,18 +197,21 @@ def export_hf_weights(chunks: list[Any], *, grads: bool = False) -> Iterator[tup
                 if rank == 0:
                     yield from zip(hf_names, tensors)
                 continue
+            # Point-to-point to rank 0 (other pipeline stages / expert ranks), on the training device:
+            # NCCL only moves GPU tensors.
+            dev = platform.device()
             for i, hf_name in enumerate(hf_names):
                 if rank == src:
-                    meta = torch.tensor(list(tensors[i].shape) + [-1] * (4 - tensors[i].dim()))
+                    meta = torch.tensor(list(tensors[i].shape) + [-1] * (4 - tensors[i].dim()), device=dev)
                     dist.send(meta, dst=0)
-                    dist.send(tensors[i].contiguous(), dst=0)
+                    dist.send(tensors[i].to(dev).contiguous(), dst=0)
                 elif rank == 0:
-                    meta = torch.empty(4, dtype=torch.long)
+                    meta = torch.empty(4, dtype=torch.long, device=dev)
                     dist.recv(meta, src=src)
-                    shape = [int(x) for x in meta if x >= 0]
-                    buf = torch.empty(shape, dtype=_export_dtype(chunks, grads))
+                    shape = [int(x) for x in meta.tolist() if x >= 0]
+                    buf = torch.empty(shape, dtype=_export_dtype(chunks, grads), device=dev)
                     dist.recv(buf, src=src)
-                    yield hf_name, buf
+                    yield hf_name, buf.cpu()
 
 
 def _export_dtype(chunks: list[Any], grads: bool) -> torch.dtype:
@@ -227,7 +243,13 @@ def _gather_tp(param: torch.nn.Parameter, entry: dict[str, Any], grads: bool) ->
         dist.all_gather(shards, value.contiguous(), group=group)
     else:
         shards = [value]
-    return [t.cpu() for t in to_hf(entry["kind"], shards, entry["heads"], entry["groups"])]
+    out = []
+    for t in to_hf(entry["kind"], shards, entry["heads"], entry["groups"]):
+        t = t.cpu()
+        if t.untyped_storage().data_ptr() == value.untyped_storage().data_ptr():
+            t = t.clone()  # never hand out a view of a live parameter (or gradient) buffer
+        out.append(t)
+    return out
 
 
 def _mapping_from_model(model: Any) -> ArchMapping:

@@ -1,4 +1,5 @@
-"""`validate`: run transformers and Megatron on the same prompts and compare logits; `inspect`: describe a dir."""
+"""`validate`: run transformers and Megatron on the same prompts and compare logits; `inspect`: describe a
+checkpoint directory (HF safetensors or Megatron torch_dist) from its metadata alone."""
 
 from __future__ import annotations
 
@@ -14,17 +15,21 @@ from megatron_rl.errors import UserError
 PROMPTS = ["The capital of France is", "17 + 25 =", "def fibonacci(n):", "Megatron and vLLM"]
 
 
-def _compare_rank(rank: int, hf_dir: str, megatron_dir: str) -> dict[str, float]:
+def _compare_rank(rank: int, hf_dir: str, megatron_dir: str, hf_config_dir: str | None) -> dict[str, float]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from checkpoint_converters.convert import _build, _read_megatron_dir
+    from checkpoint_converters.convert import read_megatron_dir
     from megatron_rl import platform
+    from megatron_rl.models.hf_config import load_hf_config
     from megatron_rl.parallel import ParallelConfig
     from megatron_rl.policy.checkpoint import load_checkpoint
+    from megatron_rl.policy.core import MegatronPolicy
 
-    meta, hf_cfg = _read_megatron_dir(megatron_dir)
-    policy = _build(hf_cfg, ParallelConfig(), "fp32")
-    load_checkpoint(policy, Path(megatron_dir) / "model", with_optimizer=False)
+    ckpt_dir, cfg_dir, _ = read_megatron_dir(megatron_dir, hf_config_dir)
+    distributed.initialize(ParallelConfig(), seed=0)
+    # fp32 whatever the stored dtype: the comparison is about the mapping, not rounding.
+    policy = MegatronPolicy(load_hf_config(cfg_dir), ParallelConfig(), dtype=torch.float32, train=False)
+    load_checkpoint(policy, ckpt_dir, with_optimizer=False)
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(hf_dir)
     worst, cos_min, agree, total = 0.0, 1.0, 0, 0
@@ -47,44 +52,79 @@ def _compare_rank(rank: int, hf_dir: str, megatron_dir: str) -> dict[str, float]
     }
 
 
-def validate(hf_dir: str, megatron_dir: str, tolerance: float = 1e-4) -> tuple[dict[str, float], bool]:
-    result = distributed.spawn(_compare_rank, 1, hf_dir, megatron_dir)[0]
+def validate(
+    hf_dir: str, megatron_dir: str, tolerance: float = 1e-4, hf_config_dir: str | None = None
+) -> tuple[dict[str, float], bool]:
+    """Logit comparison in a fresh single-rank process; ok when within tolerance and top-1 agrees."""
+    from checkpoint_converters.convert import read_megatron_dir
+
+    read_megatron_dir(megatron_dir, hf_config_dir)  # a bad path fails here, before a process starts
+    result = distributed.spawn(_compare_rank, 1, hf_dir, megatron_dir, hf_config_dir)[0]
     ok = result["max_abs_logit_diff"] <= tolerance and result["top1_agreement"] == 1.0
     return result, ok
 
 
-def inspect(directory: str) -> dict[str, Any]:
+def _count(shape: Any) -> int:
+    return int(torch.Size(shape).numel())
+
+
+def inspect(directory: str, tensors: bool = False) -> dict[str, Any]:
+    """Architecture, parameter count, layout, dtypes and tensors of a checkpoint directory."""
     root = Path(directory)
-    if (root / "conversion.json").is_file():
-        meta = json.loads((root / "conversion.json").read_text())
-        files = list((root / "model").glob("*"))
-        return {
-            "kind": "megatron torch_dist",
-            **meta,
-            "files": len(files),
-            "bytes": sum(f.stat().st_size for f in files if f.is_file()),
-        }
+    if (root / "conversion.json").is_file() or (root / "metadata.json").is_file():
+        return _inspect_megatron(root, tensors)
     from checkpoint_converters.hf_io import HFCheckpoint
     from megatron_rl.models.hf_config import load_hf_config
 
     cfg = load_hf_config(root)
     ckpt = HFCheckpoint(root)
     names = ckpt.names()
-    params, dtypes = 0, set()
-    for n in names:
-        sl = ckpt._handles[ckpt.location[n]].get_slice(n)
-        params += int(torch.tensor(sl.get_shape()).prod().item()) if sl.get_shape() else 1
-        dtypes.add(str(sl.get_dtype()))
     if not names:
         raise UserError(f"{root} holds no tensors.")
-    return {
-        "kind": "huggingface safetensors",
+    infos = {n: ckpt.info(n) for n in names}
+    out = {
+        "format": "huggingface safetensors",
         "architecture": (cfg.get("architectures") or ["?"])[0],
-        "parameters": params,
-        "dtypes": sorted(dtypes),
+        "parameters": sum(_count(i.shape) for i in infos.values()),
+        "bytes": ckpt.nbytes(),
+        "dtypes": sorted({str(i.dtype).removeprefix("torch.") for i in infos.values()}),
         "tensors": len(names),
-        "files": len(set(ckpt.location.values())),
+        "files": len({i.file for i in infos.values()}),
         "layers": cfg.get("num_hidden_layers"),
         "experts": cfg.get("num_experts") or cfg.get("num_local_experts"),
-        "first_tensors": sorted(names)[:5],
+        "tied_embeddings": bool(cfg.get("tie_word_embeddings", False)),
     }
+    if tensors:
+        out["tensor_list"] = {
+            n: [str(i.dtype).removeprefix("torch."), list(i.shape)] for n, i in infos.items()
+        }
+    return out
+
+
+def _inspect_megatron(root: Path, tensors: bool) -> dict[str, Any]:
+    from checkpoint_converters.dist_ckpt import checkpoint_metadata
+
+    meta: dict[str, Any] = {}
+    ckpt = root
+    if (root / "conversion.json").is_file():
+        meta = json.loads((root / "conversion.json").read_text())
+        ckpt = root / "model"
+    stored = {k: v for k, v in checkpoint_metadata(ckpt).state_dict_metadata.items() if hasattr(v, "size")}
+    files = [f for f in ckpt.iterdir() if f.is_file()]
+    model_keys = {k: v for k, v in stored.items() if not k.startswith("optimizer")}
+    out = {
+        "format": "megatron torch_dist",
+        "architecture": meta.get("architecture"),
+        "layout": meta.get("layout"),
+        "parameters": sum(_count(v.size) for v in model_keys.values()),
+        "bytes": sum(f.stat().st_size for f in files),
+        "dtypes": sorted({str(v.properties.dtype).removeprefix("torch.") for v in model_keys.values()}),
+        "tensors": len(model_keys),
+        "files": len(files),
+        "source": meta.get("source"),
+    }
+    if tensors:
+        out["tensor_list"] = {
+            k: [str(v.properties.dtype).removeprefix("torch."), list(v.size)] for k, v in model_keys.items()
+        }
+    return out
