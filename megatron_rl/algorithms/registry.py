@@ -1,45 +1,83 @@
-"""Registries by name (verl style): policy losses and advantage estimators plug in with a decorator."""
+"""Registries by name: policy losses, advantage estimators (and environments) plug in with a decorator.
+
+    @register_policy_loss("my_loss")
+    def my_loss(logprobs, mb, **settings): ...
+
+The config names the entry (`grpo.loss=my_loss`); an unknown name is a UserError that lists what exists.
+Built-ins live in modules that register on import, so a lookup imports them first.
+"""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from megatron_rl.errors import UserError
 
-_LOSSES: dict[str, Callable[..., Any]] = {}
-_ADVANTAGES: dict[str, Callable[..., Any]] = {}
+T = TypeVar("T")
 
 
-def _register(table: dict[str, Callable[..., Any]], name: str):
-    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        if name in table:
-            raise ValueError(f"{name!r} is registered twice")
-        table[name] = fn
-        return fn
+class Registry(Generic[T]):
+    """Name -> object. `builtins` are module paths imported before the first lookup (they self-register)."""
 
-    return deco
+    def __init__(self, what: str, config_key: str, builtins: tuple[str, ...] = ()) -> None:
+        self.what, self.config_key, self.builtins = what, config_key, builtins
+        self._table: dict[str, T] = {}
+        self._loaded = False
+
+    def register(self, name: str) -> Callable[[T], T]:
+        def deco(obj: T) -> T:
+            if name in self._table and self._table[name] is not obj:
+                raise ValueError(f"{self.what} {name!r} is registered twice")
+            self._table[name] = obj
+            return obj
+
+        return deco
+
+    def _load_builtins(self) -> None:
+        if not self._loaded:
+            for module in self.builtins:
+                importlib.import_module(module)
+            self._loaded = True
+
+    def get(self, name: str) -> T:
+        self._load_builtins()
+        if name not in self._table:
+            raise UserError(
+                f"Unknown {self.what} {name!r} (config key {self.config_key}); "
+                f"registered: {', '.join(self.names())}."
+            )
+        return self._table[name]
+
+    def names(self) -> list[str]:
+        self._load_builtins()
+        return sorted(self._table)
 
 
-def register_policy_loss(name: str):
-    return _register(_LOSSES, name)
+POLICY_LOSSES: Registry[Callable[..., Any]] = Registry(
+    "policy loss",
+    "grpo.loss",
+    ("megatron_rl.algorithms.losses", "megatron_rl.algorithms.gspo", "megatron_rl.algorithms.dpo"),
+)
+ADVANTAGES: Registry[Callable[..., Any]] = Registry(
+    "advantage estimator", "grpo.advantage", ("megatron_rl.algorithms.advantages",)
+)
 
 
-def register_advantage(name: str):
-    return _register(_ADVANTAGES, name)
+def register_policy_loss(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A loss maps (logprobs [b, T], micro_batch, **settings) -> (loss_sum, count, metrics)."""
+    return POLICY_LOSSES.register(name)
 
 
-def _get(table: dict[str, Callable[..., Any]], name: str, what: str) -> Callable[..., Any]:
-    from megatron_rl.algorithms import advantages, losses  # noqa: F401  (registers the built-ins)
-
-    if name not in table:
-        raise UserError(f"Unknown {what} {name!r}; registered: {', '.join(sorted(table))}.")
-    return table[name]
+def register_advantage(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """An estimator maps (rewards [n_prompts * group_size], group_size, **settings) -> advantages [n]."""
+    return ADVANTAGES.register(name)
 
 
 def get_policy_loss(name: str) -> Callable[..., Any]:
-    return _get(_LOSSES, name, "policy loss")
+    return POLICY_LOSSES.get(name)
 
 
 def get_advantage(name: str) -> Callable[..., Any]:
-    return _get(_ADVANTAGES, name, "advantage estimator")
+    return ADVANTAGES.get(name)

@@ -1,87 +1,75 @@
 """Prompt datasets for RL: the arithmetic generator or a JSONL file, rendered with the chat template,
-behind one resumable iterator (its state is a single position)."""
+behind one resumable iterator (state: position, epoch, seed)."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
+from megatron_rl.data.chat import render_prompt
+from megatron_rl.data.jsonl import read_jsonl, read_prompt_answer
+from megatron_rl.data.sampler import ResumableOrder
 from megatron_rl.errors import UserError
 
-
-def read_jsonl(path: str | Path, required: tuple[str, ...]) -> list[dict[str, Any]]:
-    """Every line must be a JSON object holding `required` fields; errors name the file and line."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"Dataset file {p} does not exist.")
-    rows = []
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{p}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno}).") from exc
-            if not isinstance(row, dict):
-                raise UserError(f"{p}:{lineno}: expected a JSON object, got {type(row).__name__}.")
-            missing = [k for k in required if k not in row]
-            if missing:
-                raise UserError(f"{p}:{lineno}: missing field(s) {missing}; the line has {sorted(row)}.")
-            rows.append(row)
-    if not rows:
-        raise UserError(f"Dataset file {p} holds no examples.")
-    return rows
+__all__ = ["PromptDataset", "build_prompt_dataset", "read_jsonl"]
 
 
 class PromptDataset:
-    """Yields {"prompt_ids", "answer", "prompt"} items in a seeded order; `position` is the resume state."""
+    """Yields {"prompt", "answer", "prompt_ids"} items. `items` is a list of {"prompt", "answer"}, or (with
+    endless=True) a generator object with `problem(index)`, such as ArithmeticProblems."""
 
-    def __init__(self, items: Any, tokenizer: Any, system_prompt: str | None = None, endless: bool = False):
+    def __init__(
+        self,
+        items: Any,
+        tokenizer: Any,
+        system_prompt: str | None = None,
+        endless: bool = False,
+        seed: int = 0,
+        shuffle: bool = True,
+        use_chat_template: bool = True,
+    ) -> None:
         self.items, self.tokenizer, self.system_prompt = items, tokenizer, system_prompt
-        self.endless = endless
-        self.position = 0
+        self.endless, self.use_chat_template = endless, use_chat_template
+        self.order = ResumableOrder(None if endless else len(items), seed=seed, shuffle=shuffle)
 
-    def _item(self, index: int) -> dict[str, Any]:
-        if self.endless:
-            return self.items.problem(index)
-        return self.items[index % len(self.items)]
+    @property
+    def position(self) -> int:
+        return self.order.position
+
+    @position.setter
+    def position(self, value: int) -> None:
+        self.order.position = value
 
     def render(self, prompt: str) -> list[int]:
-        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        messages.append({"role": "user", "content": prompt})
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        return render_prompt(self.tokenizer, prompt, self.system_prompt, self.use_chat_template)
 
     def take(self, n: int) -> list[dict[str, Any]]:
         out = []
-        for _ in range(n):
-            item = self._item(self.position)
-            self.position += 1
+        for index in self.order.take(n):
+            item = self.items.problem(index) if self.endless else self.items[index]
             out.append({**item, "prompt_ids": self.render(item["prompt"])})
         return out
 
-    def state_dict(self) -> dict[str, int]:
-        return {"position": self.position}
+    def state_dict(self) -> dict[str, Any]:
+        return self.order.state_dict()
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.position = int(state["position"])
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.order.load_state_dict(state)
 
 
-def build_prompt_dataset(data_cfg: Any, tokenizer: Any) -> PromptDataset:
+def build_prompt_dataset(data_cfg: Any, tokenizer: Any, seed: int = 0, shuffle: bool = True) -> PromptDataset:
+    """From the `data` config: kind, path, prompt_key, answer_key, system_prompt, arithmetic.*."""
     from megatron_rl.data.arithmetic import ArithmeticConfig, ArithmeticProblems
 
     if data_cfg.kind == "arithmetic":
-        from omegaconf import OmegaConf
-
         a = data_cfg.arithmetic
-        cfg = ArithmeticConfig(**OmegaConf.to_container(a)) if OmegaConf.is_config(a) else a
-        return PromptDataset(ArithmeticProblems(cfg), tokenizer, data_cfg.system_prompt, endless=True)
+        if not isinstance(a, ArithmeticConfig):
+            from omegaconf import OmegaConf
+
+            a = ArithmeticConfig(**(OmegaConf.to_container(a) if OmegaConf.is_config(a) else dict(a)))
+        return PromptDataset(ArithmeticProblems(a), tokenizer, data_cfg.system_prompt, endless=True)
     if data_cfg.kind == "jsonl":
         if not data_cfg.path:
             raise UserError("data.kind=jsonl needs data.path pointing to a JSONL file.")
-        rows = read_jsonl(data_cfg.path, (data_cfg.prompt_key, data_cfg.answer_key))
-        items = [{"prompt": str(r[data_cfg.prompt_key]), "answer": str(r[data_cfg.answer_key])} for r in rows]
-        return PromptDataset(items, tokenizer, data_cfg.system_prompt)
+        items = read_prompt_answer(data_cfg.path, data_cfg.prompt_key, data_cfg.answer_key)
+        return PromptDataset(items, tokenizer, data_cfg.system_prompt, seed=seed, shuffle=shuffle)
     raise UserError(f"Unknown data.kind {data_cfg.kind!r}; choose arithmetic or jsonl.")
