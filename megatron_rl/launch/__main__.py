@@ -1,17 +1,24 @@
 """megatron-rl command line.
 
-    python -m megatron_rl.launch [ALGO] [conf=RECIPE] [key=value ...] [--cfg] [--dry-run]
+    python -m megatron_rl.launch [ALGO] [conf=RECIPE] [key=value ...] [--cfg] [--dry-run] [--help]
 
-ALGO: grpo (default), sft, dpo, plan. RECIPE: a file in conf/ (default tiny). Overrides use Hydra syntax
-(`policy.parallel.tp=8`, `+new.key=...` is refused unless the schema has it). `--cfg` prints the composed
-config and exits. `launcher=slurm` (i.e. `cluster.launcher=slurm`) submits through NeMo-Run; `--dry-run`
-prints the script that would be submitted and submits nothing.
+    python -m megatron_rl.launch nightly --suite NAME [--dry-run] [--only PATTERN]   (see docs/nightly.md)
+
+ALGO is grpo (the default), sft, dpo, or plan (the per-GPU memory plan and layout checks of the recipe;
+`plan sft` / `plan dpo` plan a run without the generation engine).
+RECIPE is a file of conf/ (default tiny). Overrides use Hydra syntax: `policy.parallel.tp=8`,
+`cluster.nodes=16`, a config group option such as `model=llama3_8b` or `algorithm=dapo`, and
+`launcher=local|slurm` (short for cluster.launcher). `+key=value` is checked against the schema like any
+other key. `--cfg` prints the composed config and exits. With cluster.launcher=slurm the run is submitted as
+Ray on Slurm through NeMo-Run; `--dry-run` prints the exact sbatch script to stdout and submits nothing.
 """
 
 from __future__ import annotations
 
 import importlib
+import shlex
 import sys
+from typing import NamedTuple
 
 from megatron_rl.errors import UserError
 
@@ -20,75 +27,119 @@ ALGORITHMS = {
     "sft": "megatron_rl.sft.driver:run",
     "dpo": "megatron_rl.dpo.driver:run",
 }
-ALIASES = {"launcher": "cluster.launcher", "nodes": "cluster.nodes"}
+ALIASES = {"launcher": "cluster.launcher"}
+FLAGS = ("--cfg", "--dry-run", "--help", "-h")
 
 
-def _usage() -> str:
-    from megatron_rl.config.compose import recipes
+def usage() -> str:
+    from megatron_rl.config.compose import groups, profiles, recipes
 
-    return (__doc__ or "") + f"\nAlgorithms: {', '.join(ALGORITHMS)}, plan\nRecipes: {', '.join(recipes())}\n"
+    lines = [
+        (__doc__ or "").strip(),
+        "",
+        f"Algorithms: {', '.join(ALGORITHMS)}, plan",
+        f"Recipes: {', '.join(recipes())}",
+        "Config groups (override with group=option):",
+        *(f"  {g}: {', '.join(opts)}" for g, opts in groups().items()),
+        f"Cluster profiles (cluster.profile=NAME, launch/clusters/): {', '.join(profiles())}",
+    ]
+    return "\n".join(lines) + "\n"
 
 
-def parse(argv: list[str]) -> tuple[str, str, list[str], set[str]]:
-    flags = {a for a in argv if a.startswith("--")}
-    args = [a for a in argv if not a.startswith("--")]
+class Args(NamedTuple):
+    algo: str  # grpo | sft | dpo | plan
+    recipe: str
+    overrides: list[str]
+    flags: set[str]
+    plan_for: str = "grpo"  # `plan sft conf=...` plans an SFT run (no generation engine)
+
+
+def parse(argv: list[str]) -> Args:
+    flags = {a for a in argv if a.startswith("-")}
+    unknown = flags - set(FLAGS)
+    if unknown:
+        raise UserError(f"Unknown flag(s) {', '.join(sorted(unknown))}; known: {', '.join(FLAGS)}.")
+    args = [a for a in argv if not a.startswith("-")]
     algo = "grpo"
     if args and "=" not in args[0]:
         algo = args.pop(0)
     if algo not in ALGORITHMS and algo != "plan":
         raise UserError(f"Unknown algorithm {algo!r}; choose one of {', '.join(ALGORITHMS)}, plan.")
+    plan_for = "grpo"
+    if algo == "plan" and args and args[0] in ALGORITHMS:
+        plan_for = args.pop(0)
     recipe, overrides = "tiny", []
     for a in args:
-        key, _, value = a.partition("=")
+        key, eq, value = a.partition("=")
         if key == "conf":
             recipe = value
+        elif key in ALIASES and eq:
+            overrides.append(f"{ALIASES[key]}={value}")
         else:
-            overrides.append(f"{ALIASES.get(key, key)}={value}" if key in ALIASES else a)
-    unknown = flags - {"--cfg", "--dry-run", "--help", "-h"}
-    if unknown:
-        raise UserError(f"Unknown flag(s) {sorted(unknown)}; known: --cfg, --dry-run, --help.")
-    return algo, recipe, overrides, flags
+            overrides.append(a)
+    return Args(algo, recipe, overrides, flags, plan_for)
+
+
+def _entry(algo: str):
+    module, _, fn = ALGORITHMS[algo].partition(":")
+    try:
+        return getattr(importlib.import_module(module), fn)
+    except ModuleNotFoundError as exc:
+        # Only the algorithm's own package missing means "not built yet"; a missing dependency is a bug.
+        if exc.name and module.startswith(exc.name):
+            raise UserError(
+                f"Algorithm {algo!r} is not available yet in this version ({module} does not exist)."
+            ) from None
+        raise
+
+
+def run(argv: list[str]) -> int:
+    algo, recipe, overrides, flags, plan_for = parse(argv)
+    from megatron_rl.config.compose import compose, save_resolved
+
+    cfg = compose(recipe, overrides)
+    if "--cfg" in flags:
+        from omegaconf import OmegaConf
+
+        sys.stdout.write(OmegaConf.to_yaml(cfg))
+        return 0
+    if algo == "plan":
+        from megatron_rl.launch.plan import main as plan
+
+        return plan(cfg, plan_for)
+    if cfg.cluster.launcher == "slurm":
+        from megatron_rl.launch.slurm import submit
+
+        return submit(cfg, algo, overrides, dry_run="--dry-run" in flags)
+    if "--dry-run" in flags:
+        words = ["python", "-m", "megatron_rl.launch", algo, f"conf={recipe}", *overrides]
+        sys.stdout.write("#!/bin/bash\n# cluster.launcher=local: runs in this process, Ray started locally\n")
+        sys.stdout.write(" ".join(shlex.quote(w) for w in words) + "\n")
+        print(f"[dry-run] {algo} conf={recipe}: nothing run", file=sys.stderr)
+        return 0
+    entry = _entry(algo)
+    save_resolved(cfg, cfg.run.dir)
+    return int(entry(cfg) or 0)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["nightly"]:  # its own argparse CLI: suites, reports, baselines
+        return importlib.import_module("megatron_rl.nightly.__main__").main(argv[1:])
     if "--help" in argv or "-h" in argv:
-        print(_usage())
+        sys.stdout.write(usage())
         return 0
     try:
-        algo, recipe, overrides, flags = parse(argv)
-        from megatron_rl.config.compose import compose
-
-        cfg = compose(recipe, overrides)
-        if "--cfg" in flags:
-            from omegaconf import OmegaConf
-
-            print(OmegaConf.to_yaml(cfg))
-            return 0
-        if algo == "plan":
-            from megatron_rl.launch.plan import main as plan
-
-            return plan(cfg)
-        if cfg.cluster.launcher == "slurm" or "--dry-run" in flags:
-            from megatron_rl.launch.slurm import submit
-
-            return submit(cfg, algo, recipe, overrides, dry_run="--dry-run" in flags)
-        module, _, fn = ALGORITHMS[algo].partition(":")
-        try:
-            entry = getattr(importlib.import_module(module), fn)
-        except ModuleNotFoundError as exc:
-            if exc.name and module.startswith(exc.name):
-                raise UserError(
-                    f"Algorithm {algo!r} is not available in this version ({module} missing)."
-                ) from None
-            raise
-        return int(entry(cfg) or 0)
+        return run(argv)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:
-        from megatron_rl.grpo.ray_utils import WorkerError
-
+        # A crashed Ray worker: the controller already turned it into one paragraph naming the phase.
+        try:
+            from megatron_rl.grpo.ray_utils import WorkerError
+        except ImportError:
+            raise exc from None
         if not isinstance(exc, WorkerError):
             raise
         print(f"error: {exc}", file=sys.stderr)

@@ -1,144 +1,174 @@
-"""Ray on Slurm through NeMo-Run: one sbatch job starts a Ray head and one worker per node inside the
-container, then runs the same CLI (with `cluster.launcher=local`) on the head against that Ray cluster."""
+"""Ray on Slurm through NeMo-Run: one sbatch job whose single srun step runs one task per node inside the
+container; node 0 is the Ray head and runs the training command, the other nodes are Ray workers.
+
+The sbatch script is NeMo-Run's own (SlurmExecutor + SlurmBatchRequest, the template its Experiments submit):
+sbatch flags, container image and mounts, logs, requeue on failure. We do not use NeMo-Run's Ray template
+(nemo_run/run/ray/templates/ray.sub.j2, 0.11.1): it hard-codes 8 GPUs per node, patches a file inside NeMo-RL's
+container, prints the whole environment (secrets included) to the logs, needs jq, and renders `-A=acct`
+short flags that srun reads as an account named "=acct". Our per-node program is megatron_rl.launch.ray_node.
+
+Everything lands in the run directory: <run>/slurm/ holds the submitted script, the node program, sbatch and
+srun logs; the training writes <run>/config.yaml, metrics and checkpoints. The run directory is mounted into
+the container at the same path, so it must sit on a filesystem every node sees.
+"""
 
 from __future__ import annotations
 
 import shlex
-import shutil
-import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from megatron_rl.errors import UserError
+from megatron_rl.launch.plan import check_layout
 
-PROFILES = Path(__file__).resolve().parents[2] / "launch" / "clusters"
-# NeMo-Run 0.11.1's ray.sub.j2 renders short srun flags with '=' ("-A=acct", "-p=batch"), which srun
-# would read as an account named "=acct", and glues two flags in its attach helper. Fixed after rendering.
-_TEMPLATE_FIXES = (
-    ("-A=", "--account="),
-    ("-p=", "--partition="),
-    ("--no-container-mount-home--gres", "--no-container-mount-home --gres"),
-)
+__all__ = ["build_request", "check_layout", "render", "submit", "training_command"]
+
+NODE_SCRIPT = "ray_node.sh"
+_HEREDOC = "MEGATRON_RL_RAY_NODE"
 
 
-def load_profile(name: str | None) -> dict[str, Any]:
-    if not name:
-        return {}
-    path = PROFILES / f"{name}.yaml"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in PROFILES.glob("*.yaml")))
-        raise UserError(f"Unknown cluster profile {name!r} (no {path}); available: {known}.")
-    return yaml.safe_load(path.read_text()) or {}
+def training_command(cfg: Any, algo: str, overrides: list[str], run_dir: Path) -> list[str]:
+    """The command node 0 runs: the same CLI, same recipe and overrides, in-process against the Ray cluster."""
+    kept = [o for o in overrides if not o.lstrip("+").startswith(("cluster.launcher=", "run.dir="))]
+    return [
+        "python",
+        "-m",
+        "megatron_rl.launch",
+        algo,
+        f"conf={cfg.recipe}",
+        *kept,
+        f"run.dir={run_dir}",
+        "cluster.launcher=local",
+    ]
 
 
-def _settings(cfg: Any) -> dict[str, Any]:
-    """Profile values, overridden by whatever the recipe or command line set in `cluster`."""
-    from omegaconf import OmegaConf
-
-    merged = load_profile(cfg.cluster.profile)
-    for k, v in OmegaConf.to_container(cfg.cluster).items():
-        if v not in (None, [], {}) or k not in merged:
-            merged[k] = v
-    missing = [k for k in ("account", "partition", "container_image") if not merged.get(k)]
+def _require(cfg: Any) -> None:
+    c = cfg.cluster
+    missing = [k for k in ("account", "container_image") if not c[k]]
     if missing:
         raise UserError(
-            f"Slurm launch needs cluster.{', cluster.'.join(missing)} (set them in a profile under "
-            f"launch/clusters/ or on the command line)."
+            f"Slurm launch needs {', '.join('cluster.' + k for k in missing)}: set them in a cluster profile "
+            f"(launch/clusters/<name>.yaml, selected with cluster.profile=<name>) or on the command line."
         )
-    if not merged.get("gpus_per_node"):
-        raise UserError("Slurm launch needs cluster.gpus_per_node > 0.")
-    return merged
+    if not c.gpus_per_node:
+        raise UserError("Slurm launch needs cluster.gpus_per_node > 0 (CPU runs use cluster.launcher=local).")
 
 
-def render(cfg: Any, algo: str, recipe: str, overrides: list[str]) -> str:
-    from nemo_run.core.execution.slurm import SlurmExecutor
-    from nemo_run.core.tunnel.client import LocalTunnel
-    from nemo_run.run.ray.slurm import SlurmRayRequest
+def build_request(cfg: Any, algo: str, overrides: list[str]) -> Any:
+    """NeMo-Run's SlurmBatchRequest for this run (nothing touches the disk or the network)."""
+    with warnings.catch_warnings():  # nemo_run's imports warn about deprecations in their dependencies
+        warnings.simplefilter("ignore")
+        from nemo_run.core.execution.slurm import SlurmBatchRequest, SlurmExecutor
+        from nemo_run.core.packaging.base import Packager
+        from nemo_run.core.tunnel.client import LocalTunnel
 
-    s = _settings(cfg)
-    job_dir = str(Path(s.get("job_dir") or cfg.run.dir or f"runs/{cfg.run.name}").absolute() / "slurm")
-    workdir = s.get("workdir") or "/opt/megatron-rl"
-    inner = [o for o in overrides if not o.startswith("cluster.launcher=")]
-    command = " ".join(
+    from megatron_rl.launch.ray_node import render_node_script
+
+    _require(cfg)
+    c = cfg.cluster
+    run_dir = Path(cfg.run.dir).absolute()
+    job_dir = run_dir / "slurm"
+    node_script = render_node_script(
+        training_command(cfg, algo, overrides, run_dir),
+        job_dir="/nemo_run",  # NeMo-Run mounts the job directory there
+        workdir=c.workdir,
+        gpus_per_node=c.gpus_per_node,
+        ray_port=c.ray_port,
+        timeout_s=c.ray_start_timeout_s,
+        setup=list(c.setup),
+    )
+    # Runs in the batch step on the first node, before srun: writes the node program where every
+    # container sees it, and hands srun's tasks the head's address (first one if the node has several).
+    setup_lines = "\n".join(
         [
-            "cd",
-            shlex.quote(workdir),
-            "&&",
-            "RAY_ADDRESS=auto",
-            "python",
-            "-m",
-            "megatron_rl.launch",
-            algo,
-            f"conf={recipe}",
-            *map(shlex.quote, inner),
-            "cluster.launcher=local",
+            "",
+            "# Ray on Slurm: the per-node program (megatron_rl.launch.ray_node), started by srun below.",
+            f"cat > {shlex.quote(str(job_dir / NODE_SCRIPT))} <<'{_HEREDOC}'",
+            node_script.rstrip("\n"),
+            _HEREDOC,
+            'export MRL_HEAD_IP="${head_node_ip%% *}"',
         ]
     )
     executor = SlurmExecutor(
-        account=s["account"],
-        partition=s["partition"],
-        time=s["time"],
-        nodes=s["nodes"],
+        account=c.account,
+        partition=c.partition,
+        qos=c.qos,
+        time=c.time,
+        nodes=c.nodes,
         ntasks_per_node=1,
-        gpus_per_node=s["gpus_per_node"],
-        container_image=s["container_image"],
-        container_mounts=list(s.get("mounts") or []),
-        env_vars=dict(s.get("env") or {}),
-        tunnel=LocalTunnel(job_dir=job_dir),
+        gpus_per_node=c.gpus_per_node,
+        exclusive=True,
+        container_image=c.container_image,
+        container_mounts=[*c.mounts, f"{run_dir}:{run_dir}"],
+        env_vars={k: shlex.quote(str(v)) for k, v in c.env.items()},
+        setup_lines=setup_lines,
+        job_name_prefix="megatron-rl-",
+        tunnel=LocalTunnel(job_dir=str(run_dir)),
+        packager=Packager(),  # the code is in the container (cluster.workdir), nothing to ship
+        poll_estimated_start_time=False,
     )
-    request = SlurmRayRequest(
-        name=f"{algo}-{recipe}",
-        cluster_dir=f"{job_dir}/{algo}-{recipe}",
-        template_name="ray.sub.j2",
-        executor=executor,
-        command=command,
-        workdir=workdir,
+    executor.job_dir = str(job_dir)
+    return SlurmBatchRequest(
         launch_cmd=["sbatch", "--parsable"],
-    )
-    script = request.materialize()
-    for bad, good in _TEMPLATE_FIXES:
-        script = script.replace(bad, good)
-    return script
-
-
-def check_layout(cfg: Any) -> int:
-    """The recipe's layout against its published architecture numbers and its world size; returns dp."""
-    from omegaconf import OmegaConf
-
-    from megatron_rl.config.schema import world_size
-    from megatron_rl.parallel import ModelShape, ParallelConfig, validate_layout
-
-    a = cfg.arch
-    if not a:
-        return 0
-    shape = ModelShape(a["num_layers"], a["heads"], a["kv_heads"], a["vocab"], a.get("experts"))
-    return validate_layout(
-        ParallelConfig(**OmegaConf.to_container(cfg.policy.parallel)), shape, world_size(cfg)
+        jobs=[f"{algo}-{cfg.run.name}"],
+        command_groups=[["bash", f"/nemo_run/{NODE_SCRIPT}"]],
+        executor=executor,
+        max_retries=c.retries,
+        extra_env={},
     )
 
 
-def submit(cfg: Any, algo: str, recipe: str, overrides: list[str], dry_run: bool) -> int:
-    check_layout(cfg)
-    script = render(cfg, algo, recipe, overrides)
+def script_of(request: Any) -> str:
+    text = request.materialize()
+    return text if text.endswith("\n") else text + "\n"
+
+
+def render(cfg: Any, algo: str, recipe: str | None = None, overrides: list[str] | None = None) -> str:
+    """The exact sbatch script `submit` would hand to sbatch for `cfg` (composed from `recipe` and
+    `overrides`, which the training command replays)."""
+    if recipe is not None and recipe != cfg.recipe:
+        raise UserError(f"render: cfg was composed from recipe {cfg.recipe!r}, not {recipe!r}.")
+    return script_of(build_request(cfg, algo, list(overrides or [])))
+
+
+def submit(cfg: Any, algo: str, overrides: list[str], dry_run: bool) -> int:
+    """Dry run: the script on stdout, a note on stderr, nothing written or submitted. Otherwise: write the
+    script and resolved config into <run>/slurm/ and submit through NeMo-Run's tunnel (sbatch on this host)."""
+    from megatron_rl.config.compose import save_resolved
+
+    check_layout(cfg, generation=algo == "grpo")
+    request = build_request(cfg, algo, overrides)
+    script = script_of(request)
+    name = request.executor.job_details.job_name
     if dry_run:
         sys.stdout.write(script)
+        sys.stdout.flush()
         print(
-            f"[dry-run] {algo} conf={recipe}: {cfg.cluster.nodes} node(s); nothing submitted", file=sys.stderr
+            f"[dry-run] {name}: {cfg.cluster.nodes} node(s) x {cfg.cluster.gpus_per_node} GPU(s); "
+            f"nothing written, nothing submitted",
+            file=sys.stderr,
         )
         return 0
+    import shutil
+
     if shutil.which("sbatch") is None:
         raise UserError(
-            "sbatch is not on PATH: submit from a Slurm login node, or use --dry-run to see the script."
+            "sbatch is not on PATH: submit from a Slurm login node, or add --dry-run to see the script."
         )
-    run_dir = Path(cfg.run.dir or f"runs/{cfg.run.name}")
-    (run_dir / "slurm").mkdir(parents=True, exist_ok=True)
-    path = run_dir / "slurm" / f"{algo}-{recipe}.sbatch"
-    path.write_text(script)
-    job = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True, check=False)
-    if job.returncode:
-        raise UserError(f"sbatch rejected {path}: {job.stderr.strip()}")
-    print(f"submitted job {job.stdout.strip()} ({path})")
+    run_dir = Path(cfg.run.dir).absolute()
+    job_dir = run_dir / "slurm"
+    (job_dir / "code").mkdir(parents=True, exist_ok=True)  # NeMo-Run's container workdir
+    save_resolved(cfg, job_dir)
+    path = job_dir / f"{name}.sbatch"
+    tmp = path.with_suffix(".sbatch.tmp")
+    tmp.write_text(script)
+    tmp.replace(path)
+    result = request.executor.tunnel.run(f"sbatch --parsable {shlex.quote(str(path))}", warn=True)
+    if result.exited:
+        raise UserError(f"sbatch rejected {path}: {(result.stderr or result.stdout).strip()}")
+    job_id = result.stdout.strip().split(";")[0]
+    (job_dir / "job_id").write_text(job_id + "\n")
+    print(f"submitted Slurm job {job_id}: script {path}, logs {job_dir}/log-{name}_{job_id}_*.out")
     return 0

@@ -1,0 +1,1 @@
+"""Typed config schema and Hydra composition of recipes (conf/)."""
