@@ -1,22 +1,19 @@
-"""Run directory: resolved config, metrics JSONL, wandb, progress bar, and step checkpoints with resume.
+"""Run directory: resolved config, metrics JSONL, wandb, and step checkpoints (training.checkpoints).
 
-Layout: <run>/config.yaml, <run>/metrics.jsonl, <run>/checkpoints/step_000010/{policy/, trainer_state.json},
-<run>/hf_export/. A step checkpoint is assembled in step_N.tmp and renamed when complete, so a crash (even
-kill -9) mid-save leaves the previous checkpoint as the latest loadable one.
+Layout: <run>/config.yaml, <run>/metrics.jsonl, <run>/checkpoints/step_000010/, <run>/hf_export/, <run>/wandb/.
+Only one process per run logs (the GRPO controller, or rank 0 of an SFT/DPO world).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-_STEP = re.compile(r"^step_(\d+)$")
+from megatron_rl.training.checkpoints import CheckpointManager
 
 
 class RunDir:
@@ -28,44 +25,23 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         self.ckpt_root = self.path / "checkpoints"
+        self.checkpoints = CheckpointManager(self.ckpt_root, cfg.run.keep_last)
         self._wandb = None
 
     # ---------------------------------------------------------------- checkpoints
     def latest_checkpoint(self) -> Path | None:
-        steps = []
-        for p in self.ckpt_root.glob("step_*"):
-            m = _STEP.match(p.name)
-            if m and (p / "trainer_state.json").is_file():
-                steps.append((int(m.group(1)), p))
-        return max(steps)[1] if steps else None
+        return self.checkpoints.latest()
 
     def should_resume(self) -> Path | None:
-        latest = self.latest_checkpoint()
-        if self.cfg.run.resume is False:
-            return None
-        if self.cfg.run.resume and latest is None:
-            from megatron_rl.errors import UserError
-
-            raise UserError(f"run.resume=true but {self.ckpt_root} holds no complete checkpoint.")
-        return latest
+        return self.checkpoints.resume_from(self.cfg.run.resume)
 
     def save_checkpoint(self, step: int, save_policy: Callable[[str], None], state: dict[str, Any]) -> Path:
-        final = self.ckpt_root / f"step_{step:06d}"
-        tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_policy(str(tmp / "policy"))
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        kept = sorted((p for p in self.ckpt_root.glob("step_*") if _STEP.match(p.name)), key=lambda p: p.name)
-        for old in kept[: -max(1, self.cfg.run.keep_last)]:
-            shutil.rmtree(old, ignore_errors=True)
-        return final
+        """From a single controller: `save_policy` writes every rank's shards (e.g. through Ray actors)."""
+        return self.checkpoints.save(step, save_policy, state)
 
     @staticmethod
     def trainer_state(ckpt: Path) -> dict[str, Any]:
-        return json.loads((ckpt / "trainer_state.json").read_text())
+        return CheckpointManager.state(ckpt)
 
     # ---------------------------------------------------------------- metrics
     def start_logging(self, resume_step: int) -> None:
@@ -73,7 +49,9 @@ class RunDir:
         if metrics.exists() and resume_step >= 0:
             # Drop rows past the checkpoint so a resumed run's file reads as one uninterrupted run.
             rows = [r for r in metrics.read_text().splitlines() if r and json.loads(r)["step"] <= resume_step]
-            metrics.write_text("".join(r + "\n" for r in rows))
+            tmp = metrics.with_name(metrics.name + ".tmp")
+            tmp.write_text("".join(r + "\n" for r in rows))
+            os.replace(tmp, metrics)
         elif metrics.exists():
             metrics.unlink()
         if self.cfg.logger.wandb:
