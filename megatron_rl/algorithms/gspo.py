@@ -16,8 +16,16 @@ from typing import Any
 
 import torch
 
-from megatron_rl.algorithms.aggregation import aggregate, masked_mean, masked_sum, normalize
-from megatron_rl.algorithms.losses import Metrics, add_kl, check_pg_settings, per_token_advantages
+from megatron_rl.algorithms.aggregation import masked_sum
+from megatron_rl.algorithms.losses import (
+    Metrics,
+    add_kl,
+    check_pg_settings,
+    clipped_surrogate,
+    functional_loss,
+    micro_batch_loss,
+    per_token_advantages,
+)
 from megatron_rl.algorithms.registry import register_policy_loss
 
 
@@ -43,32 +51,24 @@ def gspo_terms(
 ) -> tuple[torch.Tensor, Metrics]:
     check_pg_settings(clip_low, clip_high, dual_clip, loss_agg, kl_coef, kl_estimator, tis_cap)
     lp, mask = logprobs.float(), mask.float()
-    adv = per_token_advantages(advantages, lp)
     seq_log_ratio = _seq_mean(lp - old_logprobs.float(), mask)  # [b, 1]
-    # Value s_i on every token, gradient s_i * d logp_t.
-    log_s = seq_log_ratio.detach() + lp - lp.detach()
-    ratio = torch.exp(torch.where(mask > 0, log_s, torch.zeros_like(lp)))
-    unclipped = -adv * ratio
-    clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
-    per_token = torch.maximum(unclipped, clipped)
-    seq_ratio = torch.exp(seq_log_ratio.squeeze(1))
     has = mask.sum(dim=1) > 0
     metrics: Metrics = {
-        "clip_fraction": masked_mean((clipped > unclipped).float(), mask).detach(),
-        "ratio_mean": seq_ratio[has].mean().detach() if has.any() else torch.zeros(()),
+        "ratio_mean": torch.exp(seq_log_ratio.squeeze(1))[has].mean().detach()
+        if has.any()
+        else torch.zeros(())
     }
-    if dual_clip is not None:
-        bound = -adv * dual_clip
-        capped = (adv < 0) & (per_token > bound)
-        per_token = torch.where(capped, bound, per_token)
-        metrics["dual_clip_fraction"] = masked_mean(capped.float(), mask).detach()
+    seq_w = None
     if tis_cap is not None:
         if engine_logprobs is None:
             raise ValueError("tis_cap is set but the batch has no engine (generation) logprobs `engine_lp`")
         seq_w = torch.exp(_seq_mean(old_logprobs.float() - engine_logprobs.float(), mask)).clamp(max=tis_cap)
-        per_token = per_token * seq_w.detach()
-        metrics["tis_mean"] = seq_w.squeeze(1)[has].mean().detach() if has.any() else torch.zeros(())
-    metrics["pg_loss"] = masked_mean(per_token, mask).detach()
+        seq_w = seq_w.detach()
+        metrics["tis_mean"] = seq_w.squeeze(1)[has].mean() if has.any() else torch.zeros(())
+    # Value s_i on every token, gradient s_i * d logp_t.
+    log_s = seq_log_ratio.detach() + lp - lp.detach()
+    adv = per_token_advantages(advantages, lp)
+    per_token = clipped_surrogate(lp, log_s, adv, mask, clip_low, clip_high, dual_clip, seq_w, metrics)
     per_token = add_kl(per_token, lp, ref_logprobs, mask, kl_coef, kl_estimator, metrics)
     return per_token, metrics
 
@@ -81,34 +81,25 @@ def gspo_loss(
     ref_logprobs: torch.Tensor | None = None,
     engine_logprobs: torch.Tensor | None = None,
     *,
-    clip_low: float = 3e-4,
-    clip_high: float = 4e-4,
-    dual_clip: float | None = None,
     loss_agg: str = "seq_mean",
     global_num_tokens: float | None = None,
     global_num_seqs: float | None = None,
-    kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
-    tis_cap: float | None = None,
+    **settings: Any,
 ) -> tuple[torch.Tensor, Metrics]:
     """Functional GSPO loss: (loss, metrics), normalised like clipped_pg_loss."""
-    per_token, metrics = gspo_terms(
+    return functional_loss(
+        gspo_terms,
         logprobs,
         old_logprobs,
         advantages,
         mask,
         ref_logprobs,
         engine_logprobs,
-        clip_low,
-        clip_high,
-        dual_clip,
         loss_agg,
-        kl_coef,
-        kl_estimator,
-        tis_cap,
+        global_num_tokens,
+        global_num_seqs,
+        settings,
     )
-    loss_sum, count = aggregate(per_token, mask.float(), loss_agg)
-    return normalize(loss_sum, count, loss_agg, global_num_tokens, global_num_seqs), metrics
 
 
 @register_policy_loss("gspo")
@@ -116,15 +107,4 @@ def gspo(
     logprobs: torch.Tensor, mb: Mapping[str, Any], loss_agg: str = "seq_mean", **settings: Any
 ) -> tuple[torch.Tensor, torch.Tensor, Metrics]:
     """Micro-batch form of gspo_loss: (loss_sum, count, metrics)."""
-    per_token, metrics = gspo_terms(
-        logprobs,
-        mb["old_lp"],
-        mb["adv"],
-        mb["mask"],
-        ref_logprobs=mb.get("ref_lp"),
-        engine_logprobs=mb.get("engine_lp"),
-        loss_agg=loss_agg,
-        **settings,
-    )
-    loss_sum, count = aggregate(per_token, mb["mask"].float(), loss_agg)
-    return loss_sum, count, metrics
+    return micro_batch_loss(gspo_terms, logprobs, mb, loss_agg, settings)

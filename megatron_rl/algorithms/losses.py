@@ -13,7 +13,7 @@ Micro-batch fields (per-token ones aligned with the logprobs: position t scores 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -95,6 +95,38 @@ def add_kl(
     return per_token + kl_coef * kl
 
 
+def clipped_surrogate(
+    lp: torch.Tensor,
+    log_ratio: torch.Tensor,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float,
+    clip_high: float,
+    dual_clip: float | None,
+    is_weights: torch.Tensor | None,
+    metrics: Metrics,
+) -> torch.Tensor:
+    """Per-token max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)) with r = exp(log_ratio), then the dual
+    clip and the (detached) importance weights. Shared by token-level PPO/GRPO and sequence-level GSPO."""
+    # Log-ratio 0 outside the mask, so padding can never overflow exp() (inf there would make NaN grads).
+    ratio = torch.exp(torch.where(mask > 0, log_ratio, torch.zeros_like(lp)))
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    per_token = torch.maximum(unclipped, clipped)
+    # Tokens whose gradient the clip removed (the clipped branch is strictly larger).
+    metrics["clip_fraction"] = masked_mean((clipped > unclipped).float(), mask).detach()
+    if dual_clip is not None:
+        # A < 0 with a huge ratio: -A * ratio is unbounded; cap it at -A * c (Ye et al., dual-clip PPO).
+        bound = -adv * dual_clip
+        capped = (adv < 0) & (per_token > bound)
+        per_token = torch.where(capped, bound, per_token)
+        metrics["dual_clip_fraction"] = masked_mean(capped.float(), mask).detach()
+    if is_weights is not None:
+        per_token = per_token * is_weights
+    metrics["pg_loss"] = masked_mean(per_token, mask).detach()
+    return per_token
+
+
 def clipped_pg_terms(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -113,31 +145,60 @@ def clipped_pg_terms(
     """Per-token loss [b, T] of the clipped surrogate (+ KL), and micro-batch metrics."""
     check_pg_settings(clip_low, clip_high, dual_clip, loss_agg, kl_coef, kl_estimator, tis_cap)
     lp, mask = logprobs.float(), mask.float()
-    adv = per_token_advantages(advantages, lp)
-    # Log-ratio 0 outside the mask, so padding can never overflow exp() (inf there would make NaN grads).
-    ratio = torch.exp(torch.where(mask > 0, lp - old_logprobs.float(), torch.zeros_like(lp)))
-    unclipped = -adv * ratio
-    clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
-    per_token = torch.maximum(unclipped, clipped)
+    log_ratio = lp - old_logprobs.float()
     metrics: Metrics = {
-        # Tokens whose gradient the clip removed (the clipped branch is strictly larger).
-        "clip_fraction": masked_mean((clipped > unclipped).float(), mask).detach(),
-        "ratio_mean": masked_mean(ratio, mask).detach(),
+        "ratio_mean": masked_mean(torch.exp(torch.where(mask > 0, log_ratio, 0.0)), mask).detach()
     }
-    if dual_clip is not None:
-        # A < 0 with a huge ratio: -A * ratio is unbounded; cap it at -A * c (Ye et al., dual-clip PPO).
-        bound = -adv * dual_clip
-        capped = (adv < 0) & (per_token > bound)
-        per_token = torch.where(capped, bound, per_token)
-        metrics["dual_clip_fraction"] = masked_mean(capped.float(), mask).detach()
     weights = tis_weights(old_logprobs, engine_logprobs, tis_cap)
+    adv = per_token_advantages(advantages, lp)
+    per_token = clipped_surrogate(lp, log_ratio, adv, mask, clip_low, clip_high, dual_clip, weights, metrics)
     if weights is not None:
-        per_token = per_token * weights
         metrics["tis_mean"] = masked_mean(weights, mask)
         metrics["tis_clip_fraction"] = masked_mean((weights >= tis_cap).float(), mask)
-    metrics["pg_loss"] = masked_mean(per_token, mask).detach()
     per_token = add_kl(per_token, lp, ref_logprobs, mask, kl_coef, kl_estimator, metrics)
     return per_token, metrics
+
+
+Terms = Callable[..., tuple[torch.Tensor, Metrics]]
+
+
+def functional_loss(
+    terms: Terms,
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    ref_logprobs: torch.Tensor | None,
+    engine_logprobs: torch.Tensor | None,
+    loss_agg: str,
+    global_num_tokens: float | None,
+    global_num_seqs: float | None,
+    settings: dict[str, Any],
+) -> tuple[torch.Tensor, Metrics]:
+    """(loss, metrics) of a per-token `terms` function, normalised by the global counts when given."""
+    per_token, metrics = terms(
+        logprobs, old_logprobs, advantages, mask, ref_logprobs, engine_logprobs, loss_agg=loss_agg, **settings
+    )
+    loss_sum, count = aggregate(per_token, mask.float(), loss_agg)
+    return normalize(loss_sum, count, loss_agg, global_num_tokens, global_num_seqs), metrics
+
+
+def micro_batch_loss(
+    terms: Terms, logprobs: torch.Tensor, mb: Mapping[str, Any], loss_agg: str, settings: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor, Metrics]:
+    """(loss_sum, count, metrics) of a per-token `terms` function on a policy micro-batch."""
+    per_token, metrics = terms(
+        logprobs,
+        mb["old_lp"],
+        mb["adv"],
+        mb["mask"],
+        mb.get("ref_lp"),
+        mb.get("engine_lp"),
+        loss_agg=loss_agg,
+        **settings,
+    )
+    loss_sum, count = aggregate(per_token, mb["mask"].float(), loss_agg)
+    return loss_sum, count, metrics
 
 
 def clipped_pg_loss(
@@ -148,37 +209,29 @@ def clipped_pg_loss(
     ref_logprobs: torch.Tensor | None = None,
     engine_logprobs: torch.Tensor | None = None,
     *,
-    clip_low: float = 0.2,
-    clip_high: float = 0.28,
-    dual_clip: float | None = None,
     loss_agg: str = "token_mean",
     global_num_tokens: float | None = None,
     global_num_seqs: float | None = None,
-    kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
-    tis_cap: float | None = None,
+    **settings: Any,
 ) -> tuple[torch.Tensor, Metrics]:
     """PPO/GRPO clipped surrogate: per token max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)) with
-    r = exp(logprobs - old_logprobs); optional dual clip, truncated importance sampling and KL penalty.
+    r = exp(logprobs - old_logprobs); optional dual clip, truncated importance sampling and KL penalty
+    (settings: clip_low, clip_high, dual_clip, kl_coef, kl_estimator, tis_cap; see clipped_pg_terms).
     Returns (loss, metrics); `loss` is this micro-batch's share of the global mean when the global
     counts are given, else its own mean."""
-    per_token, metrics = clipped_pg_terms(
+    return functional_loss(
+        clipped_pg_terms,
         logprobs,
         old_logprobs,
         advantages,
         mask,
         ref_logprobs,
         engine_logprobs,
-        clip_low,
-        clip_high,
-        dual_clip,
         loss_agg,
-        kl_coef,
-        kl_estimator,
-        tis_cap,
+        global_num_tokens,
+        global_num_seqs,
+        settings,
     )
-    loss_sum, count = aggregate(per_token, mask.float(), loss_agg)
-    return normalize(loss_sum, count, loss_agg, global_num_tokens, global_num_seqs), metrics
 
 
 @register_policy_loss("clipped_pg")
@@ -186,18 +239,7 @@ def clipped_pg(
     logprobs: torch.Tensor, mb: Mapping[str, Any], loss_agg: str = "token_mean", **settings: Any
 ) -> tuple[torch.Tensor, torch.Tensor, Metrics]:
     """Micro-batch form of clipped_pg_loss: (loss_sum, count, metrics)."""
-    per_token, metrics = clipped_pg_terms(
-        logprobs,
-        mb["old_lp"],
-        mb["adv"],
-        mb["mask"],
-        ref_logprobs=mb.get("ref_lp"),
-        engine_logprobs=mb.get("engine_lp"),
-        loss_agg=loss_agg,
-        **settings,
-    )
-    loss_sum, count = aggregate(per_token, mb["mask"].float(), loss_agg)
-    return loss_sum, count, metrics
+    return micro_batch_loss(clipped_pg_terms, logprobs, mb, loss_agg, settings)
 
 
 def sft_loss(
