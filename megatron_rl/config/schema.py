@@ -82,6 +82,9 @@ class GenerationConfig:
     enforce_eager: bool = True
     colocated: bool = True
     refit_bucket_mb: int = 512
+    # How refit moves weights: auto (CUDA IPC on a shared GPU, shared memory on the same node, a gloo/NCCL
+    # broadcast across nodes), one of those by name, or files (ranks write buckets, the engine reads them).
+    refit_transport: str = "auto"
     cpu_kv_cache_gb: float = 1.0
 
 
@@ -190,6 +193,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "policy.recompute": ("none", "selective", "full"),
     "policy.optim.lr_decay_style": ("constant", "linear", "cosine"),
     "generation.backend": ("vllm",),
+    "generation.refit_transport": ("auto", "shm", "cuda_ipc", "broadcast", "files"),
     "grpo.loss_agg": ("token_mean", "seq_mean"),
     "grpo.kl_estimator": ("k1", "k3"),
     "data.kind": ("arithmetic", "jsonl"),

@@ -7,6 +7,8 @@ a policy rank can receive it and stream its exported weights straight into the e
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -122,17 +124,30 @@ class EngineClient(GenerationEngine):
             transports.discard(sender)
             raise
 
+    def with_refit(self, **changes: Any) -> EngineClient:
+        """This engine's handle with other refit settings (a shallow copy; the engine is the same)."""
+        refit = dataclasses.replace(self.refit, **changes)
+        if refit == self.refit:
+            return self
+        other = copy.copy(self)
+        other.refit = refit
+        return other
+
     def update_weights_from_path(self, path: str, version: int) -> dict[str, Any]:
         """The naive refit: the engine re-reads a checkpoint directory from disk."""
         return self._wait([self._submit("update_weights_from_path", path, version)], "reload from disk")[0]
 
-    def refit_from(self, policy: Any, version: int, bucket_mb: int | None = None) -> dict[str, Any]:
-        """Refits from a Megatron policy group. A policy offering `push_hf_weights(engine, version)` streams
-        its export through `update_weights` on rank 0; otherwise its ranks write safetensors buckets to
-        shared memory first and the engine loads them file by file."""
+    def refit_from(
+        self, policy: Any, version: int, bucket_mb: int | None = None, transport: str | None = None
+    ) -> dict[str, Any]:
+        """Refits from a Megatron policy group. Unless the transport is "files", a policy offering
+        `push_hf_weights(engine, version)` streams its export through `update_weights` on rank 0; with
+        "files" its ranks write safetensors buckets to shared memory first and the engine loads them."""
         start = time.perf_counter()
-        if hasattr(policy, "push_hf_weights"):
-            stats = policy.push_hf_weights(self, version)
+        transport = transport or self.refit.transport
+        if transport != "files" and hasattr(policy, "push_hf_weights"):
+            engine = self.with_refit(transport=transport, bucket_mb=bucket_mb or self.refit.bucket_mb)
+            stats = policy.push_hf_weights(engine, version)
             return {**stats, "export_s": 0.0, "refit_s": time.perf_counter() - start}
         root = "/dev/shm" if Path("/dev/shm").is_dir() else tempfile.gettempdir()
         workdir = tempfile.mkdtemp(prefix="megatron_rl_refit_", dir=root)

@@ -49,7 +49,7 @@ def run(cfg: Any) -> int:
         state = RunDir.trainer_state(ckpt)
         start = state["step"]
         data.load_state_dict(state["data"])
-        engine.refit_from(policy, version=start, bucket_mb=cfg.generation.refit_bucket_mb)
+        engine.refit_from(policy, version=start)
     run_dir.start_logging(start if ckpt is not None else -1)
     with progress_bar(cfg.run.steps, start) as bar:
         if start == 0 and cfg.run.eval_every:
@@ -76,9 +76,7 @@ def run(cfg: Any) -> int:
                         {k if k.startswith("memory/") else f"train/{k}": v for k, v in train.items()}
                     )
                     with t("refit"):
-                        refit = engine.refit_from(
-                            policy, version=step, bucket_mb=cfg.generation.refit_bucket_mb
-                        )
+                        refit = engine.refit_from(policy, version=step)
                     metrics["refit/gb_per_s"] = refit["gb_per_s"]
             metrics.update(t)
             metrics["throughput/tokens_per_s"] = sum(len(s["ids"]) for s in seqs) / t["timing/step_s"]

@@ -95,6 +95,10 @@ class PolicyGroup:
         refs = [w.write_hf_buckets.remote(directory, bucket_mb) for w in self.workers]
         return gather(refs, "weight export", self.timeout_s)[0]
 
+    def push_hf_weights(self, engine: Any, version: int) -> dict[str, Any]:
+        refs = [w.push_hf_weights.remote(engine, version) for w in self.workers]
+        return gather(refs, "weight export and refit", self.timeout_s)[0]
+
     def shutdown(self) -> None:
         import ray
         from ray.util.placement_group import remove_placement_group

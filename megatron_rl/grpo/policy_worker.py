@@ -170,6 +170,14 @@ class PolicyWorker:
         writer.close()
         return [str(f) for f in writer.files], writer.total
 
+    def push_hf_weights(self, engine: Any, version: int) -> dict[str, Any] | None:
+        """Every rank joins the gather; rank 0 streams the HF tensors into the engine bucket by bucket through
+        the engine's configured transport (shared memory, CUDA IPC or a broadcast group)."""
+        from checkpoint_converters import export_hf_weights
+        from megatron_rl.generation.client import stream_from_policy_rank
+
+        return stream_from_policy_rank(engine, export_hf_weights(self.policy.model), self.rank, version)
+
     def hf_weights(self) -> list[tuple[str, torch.Tensor]] | None:
         """All weights in HF names and layout (gathered over TP/EP/PP); returned by rank 0 only."""
         from checkpoint_converters import export_hf_weights

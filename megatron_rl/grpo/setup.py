@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_rl.config.schema import world_size
-from megatron_rl.generation.base import EngineSettings
+from megatron_rl.generation.base import EngineSettings, RefitSettings
 from megatron_rl.generation.client import EngineClient
 from megatron_rl.grpo.policy_group import PolicyGroup
 from megatron_rl.grpo.policy_worker import PolicySpec
@@ -74,7 +74,8 @@ def build_engine(cfg: Any, model_dir: str) -> EngineClient:
     )
     # Colocated on GPU: the engine shares the policy's devices (fractional GPU); separate: its own GPUs.
     gpus = (0.4 if g.colocated else g.tp) if cfg.cluster.gpus_per_node else 0
-    return EngineClient(model_dir, settings, num_cpus=cfg.cluster.cpus_per_rank, num_gpus=gpus)
+    refit = RefitSettings(transport=g.refit_transport, bucket_mb=g.refit_bucket_mb)
+    return EngineClient(model_dir, settings, num_cpus=cfg.cluster.cpus_per_rank, num_gpus=gpus, refit=refit)
 
 
 class _Bar:

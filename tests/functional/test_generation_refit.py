@@ -157,8 +157,10 @@ def test_refit_through_gloo_broadcast_from_another_process(engine, models):
     assert_engine_matches(engine, models[2], version)
 
 
-def test_refit_from_tp2_policy(engine, ray_cluster, models):
-    """The real trainer path: a TP=2 (+SP) Megatron policy exports HF weights gathered over TP."""
+@pytest.mark.parametrize("transport", ["auto", "files"])
+def test_refit_from_tp2_policy(engine, ray_cluster, models, transport):
+    """The real trainer path: a TP=2 (+SP) Megatron policy exports HF weights gathered over TP; rank 0
+    streams them into the engine (auto: shared-memory slots on CPU) or the ranks write bucket files."""
     from megatron_rl.grpo.policy_group import PolicyGroup
     from megatron_rl.grpo.policy_worker import PolicySpec
     from megatron_rl.parallel import ParallelConfig
@@ -167,8 +169,9 @@ def test_refit_from_tp2_policy(engine, ray_cluster, models):
     policy = PolicyGroup(spec, 2, gpus_per_rank=0, cpus_per_rank=0.5)
     try:
         version = engine.version() + 1
-        stats = engine.refit_from(policy, version=version, bucket_mb=1)
+        stats = engine.refit_from(policy, version=version, bucket_mb=1, transport=transport)
         assert stats["bytes"] > 0 and stats["missing"] == []
+        assert stats["transport"] == ("files" if transport == "files" else "shm")
         sampled = engine.generate(
             [PROMPT], SamplingSettings(temperature=1.0, max_new_tokens=12, n=4, seed=3)
         )[0]
