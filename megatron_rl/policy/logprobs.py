@@ -44,6 +44,29 @@ class _VocabParallelLogprob(torch.autograd.Function):
         return grad.to(ctx.input_dtype), None, None, None
 
 
+class _LocalLogprob(torch.autograd.Function):
+    """log_softmax(logits)[target] with the whole vocabulary local. Autograd's version keeps the full
+    log-softmax, then builds a zero [.., V] gradient, scatters into it and runs the log-softmax backward:
+    three full-vocab passes and an allocation. Here the backward reuses the saved log-softmax in place:
+    grad = onehot(target) * g - softmax * g (measured on SmolLM2, 1024 tokens x 49152 vocab, CPU: 0.74 s
+    -> 0.2 s for forward + backward)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.input_dtype = logits.dtype
+        log_softmax = torch.log_softmax(logits.float(), dim=-1)
+        ctx.save_for_backward(log_softmax, target)
+        return log_softmax.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        log_softmax, target = ctx.saved_tensors
+        grad = log_softmax.exp_()  # the saved tensor is not needed again: reuse its memory
+        grad.mul_(-grad_out.unsqueeze(-1))
+        grad.scatter_add_(-1, target.unsqueeze(-1), grad_out.unsqueeze(-1))
+        return grad.to(ctx.input_dtype), None
+
+
 def vocab_parallel_logprobs(logits: torch.Tensor, target: torch.Tensor, tp_group=None) -> torch.Tensor:
     """log softmax(logits)[target] where `logits` [..., V/tp] is this rank's vocab slice.
 
@@ -52,8 +75,7 @@ def vocab_parallel_logprobs(logits: torch.Tensor, target: torch.Tensor, tp_group
     if tp_group is not None and dist.get_world_size(tp_group) == 1:
         tp_group = None
     if tp_group is None:
-        # Whole vocabulary local: torch's fused log_softmax backward is cheaper than the generic path.
-        return torch.log_softmax(logits.float(), dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        return _LocalLogprob.apply(logits, target)
     rank = dist.get_rank(tp_group) if tp_group is not None else 0
     vocab_start = rank * logits.shape[-1]
     return _VocabParallelLogprob.apply(logits, target, vocab_start, tp_group)
@@ -61,4 +83,7 @@ def vocab_parallel_logprobs(logits: torch.Tensor, target: torch.Tensor, tp_group
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, tp_group=None) -> torch.Tensor:
     """Logprob of each next token: position t scores input_ids[t+1]. Returns [b, s-1]."""
-    return vocab_parallel_logprobs(logits[:, :-1], input_ids[:, 1:], tp_group)
+    # Score every position (the last against a dummy target) and drop it afterwards: slicing the logits
+    # instead would copy the whole [b, s, V] tensor to make it contiguous.
+    target = torch.nn.functional.pad(input_ids[:, 1:], (0, 1))
+    return vocab_parallel_logprobs(logits, target, tp_group)[:, :-1]

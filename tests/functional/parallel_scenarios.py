@@ -201,17 +201,18 @@ def hf_roundtrip(rank: int, model_dirs: dict[str, str], layouts: dict[str, list[
     return out
 
 
-def optimizer_checkpoint_resume(rank: int, model_dir: str, work: str) -> dict[str, float]:
-    """world 2, dp=2 with the distributed optimizer: step, save (model + optimizer + LR), step; a fresh policy
-    that loads the checkpoint must take the identical second step."""
+def optimizer_checkpoint_resume(rank: int, model_dir: str, work: str) -> dict[str, list[float]]:
+    """world 2, dp=2 with the distributed optimizer: step, save (model + optimizer + LR), three more steps; a
+    fresh policy that loads the checkpoint must take the identical three steps. A step's loss is computed
+    before its update, so only the second and third losses see the restored Adam moments and step counts."""
     ids = fixed_batch(seed=5)
     mbs = [{"input_ids": ids[:1]}, {"input_ids": ids[1:]}]
     first = _policy(model_dir, ParallelConfig(), None)
     first.train_step(mbs, nll_loss)
     save_checkpoint(first, f"{work}/resume")
-    straight = first.train_step(mbs, nll_loss)["loss"]
+    straight = [first.train_step(mbs, nll_loss)["loss"] for _ in range(3)]
     again = _policy(model_dir, ParallelConfig(), None)
     load_checkpoint(again, f"{work}/resume")
-    resumed = again.train_step(mbs, nll_loss)["loss"]
+    resumed = [again.train_step(mbs, nll_loss)["loss"] for _ in range(3)]
     distributed.destroy_model_parallel()
     return {"straight": straight, "resumed": resumed}
