@@ -130,6 +130,7 @@ def end_reload(worker: Any) -> dict[str, Any]:
     start, cpu = time.perf_counter(), time.process_time()
     with set_current_vllm_config(worker.vllm_config):
         finalize_layerwise_reload(model, worker.model_config)
+        _refresh_tied_head(model)
     runner = worker.model_runner
     for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):
         if hasattr(runner, reset):
@@ -145,6 +146,28 @@ def end_reload(worker: Any) -> dict[str, Any]:
         "load_cpu_s": r["load_cpu_s"] + time.process_time() - cpu,
         "missing": missing,
     }
+
+
+def _refresh_tied_head(model: torch.nn.Module) -> None:
+    """With tied embeddings the checkpoint has no lm_head tensor, so the layer-wise reload leaves the head
+    "not loaded" and restores it as it was. Its weight is the embedding's storage, updated in place, but the
+    head's kernel was built from the old values (on CPU, a oneDNN handle over a prepacked copy): rebuild it,
+    or the engine keeps sampling from the first weights' output layer."""
+    head = getattr(model, "lm_head", None)
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.is_meta or weight.numel() == 0:
+        return
+    tied = any(
+        m is not head
+        and isinstance(getattr(m, "weight", None), torch.Tensor)
+        and m.weight.data_ptr() == weight.data_ptr()
+        for m in model.modules()
+    )
+    if not tied:
+        return
+    method = getattr(head, "quant_method", None)
+    if method is not None:
+        method.process_weights_after_loading(head)
 
 
 def reload_from_path(worker: Any, path: str) -> None:

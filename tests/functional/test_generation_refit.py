@@ -283,3 +283,23 @@ def test_engine_killed_mid_generation_raises_quickly(engine):
         engine.generate([PROMPT] * 64, SamplingSettings(temperature=1.0, max_new_tokens=400, n=4, seed=0))
     assert time.perf_counter() - start < 30
     killer.join()
+
+
+def test_refit_with_tied_embeddings(ray_cluster, tmp_path):
+    """SmolLM2, Llama-3.2-1B and small Qwen models share the input embedding and the output head: a refit
+    must update both (vLLM keeps one parameter for the two)."""
+    from megatron_rl.generation.client import EngineClient
+
+    tied = [
+        str(save_tiny_checkpoint(tmp_path / f"t{seed}", "llama", seed=seed, tie_word_embeddings=True))
+        for seed in range(2)
+    ]
+    client = EngineClient(
+        tied[0], EngineSettings(max_model_len=512, seed=0), num_cpus=0.5, refit=RefitSettings("shm", 0.25)
+    )
+    try:
+        stats = client.update_weights(hf_weights(tied[1]), version=1)
+        assert stats["missing"] == []
+        assert_engine_matches(client, tied[1], 1)
+    finally:
+        client.shutdown()
