@@ -27,6 +27,7 @@ class RunConfig:
     export_hf_at_end: bool = True
     eval_every: int = 0
     eval_size: int = 64
+    eval_samples: int = 0  # > 0: also report held-out accuracy over this many samples per prompt
 
 
 @dataclass
@@ -206,6 +207,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "run.steps": (0, None),
     "run.checkpoint_every": (0, None),  # 0: only the final checkpoint
     "run.keep_last": (1, None),
+    "run.eval_samples": (0, None),
     "policy.micro_batch_tokens": (1, None),
     "policy.max_seq_len": (1, None),
     "policy.optim.lr": (0, None),

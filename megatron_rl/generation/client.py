@@ -148,7 +148,7 @@ class EngineClient(GenerationEngine):
         if transport != "files" and hasattr(policy, "push_hf_weights"):
             engine = self.with_refit(transport=transport, bucket_mb=bucket_mb or self.refit.bucket_mb)
             stats = policy.push_hf_weights(engine, version)
-            return {**stats, "export_s": 0.0, "refit_s": time.perf_counter() - start}
+            return _complete({**stats, "export_s": 0.0, "refit_s": time.perf_counter() - start})
         root = "/dev/shm" if Path("/dev/shm").is_dir() else tempfile.gettempdir()
         workdir = tempfile.mkdtemp(prefix="megatron_rl_refit_", dir=root)
         try:
@@ -165,14 +165,16 @@ class EngineClient(GenerationEngine):
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         total = time.perf_counter() - start
-        return {
-            **stats,
-            "transport": "files",
-            "refit_s": total,
-            "export_s": exported - start,
-            "bytes": float(nbytes),
-            "gb_per_s": nbytes / total / 1e9,
-        }
+        return _complete(
+            {
+                **stats,
+                "transport": "files",
+                "refit_s": total,
+                "export_s": exported - start,
+                "bytes": float(nbytes),
+                "gb_per_s": nbytes / total / 1e9,
+            }
+        )
 
     def version(self) -> int:
         return self._wait([self._submit("ping")], "ping", 60)[0]
@@ -192,6 +194,19 @@ class EngineClient(GenerationEngine):
         except Exception:  # noqa: BLE001 - a dead engine is already shut down
             pass
         ray.kill(self.actor)
+
+
+def _complete(stats: dict[str, Any]) -> dict[str, Any]:
+    """A refit that left engine parameters at their old values would train against a stale sampler with no
+    other symptom than a slowly growing token_mult_prob_error: fail it instead."""
+    missing = stats.get("missing") or []
+    if missing:
+        raise RuntimeError(
+            f"Refit left {len(missing)} engine parameter(s) with their old values (no exported tensor maps to "
+            f"them): {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}. The policy's export and "
+            "the engine's model disagree on the architecture's tensor names."
+        )
+    return stats
 
 
 def stream_from_policy_rank(

@@ -111,9 +111,11 @@ class VLLMEngine(GenerationEngine):
             seed=sampling.seed,
         )
         version = self.version
-        outputs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False
-        )
+        outputs = []
+        for wave in self._waves(prompts, sampling):
+            outputs += self.llm.generate(
+                [TokensPrompt(prompt_token_ids=p) for p in wave], params, use_tqdm=False
+            )
         result = []
         for out in outputs:
             samples = []
@@ -124,6 +126,26 @@ class VLLMEngine(GenerationEngine):
                 samples.append(Sample(ids, lps, reason, c.text, version))
             result.append(samples)
         return result
+
+    def _waves(self, prompts: list[list[int]], sampling: SamplingSettings) -> list[list[list[int]]]:
+        """Splits seeded CPU generation into batches whose prompts the scheduler prefills whole in one step.
+        When vLLM chunks a seeded request's prefill it rewinds that request's generator offset, which only
+        CUDA generators have ("CPU Generator does not use offset": 128 prompts x 4 samples failed so). Each
+        request is seeded, so the split does not change what is sampled."""
+        if sampling.seed is None or torch.cuda.is_available():
+            return [prompts]
+        sched = self.llm.llm_engine.vllm_config.scheduler_config
+        waves: list[list[list[int]]] = [[]]
+        tokens = 0
+        for p in prompts:
+            need = len(p) * sampling.n
+            full = (len(waves[-1]) + 1) * sampling.n > sched.max_num_seqs
+            if waves[-1] and (tokens + need > sched.max_num_batched_tokens or full):
+                waves.append([])
+                tokens = 0
+            waves[-1].append(p)
+            tokens += need
+        return waves
 
     # Refit: begin_refit -> load_bucket* -> end_refit (the transports drive these from the trainer side).
 

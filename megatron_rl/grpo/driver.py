@@ -53,7 +53,7 @@ def run(cfg: Any) -> int:
     run_dir.start_logging(start if ckpt is not None else -1)
     with progress_bar(cfg.run.steps, start) as bar:
         if start == 0 and cfg.run.eval_every:
-            run_dir.log(0, {"eval/accuracy": rollout.evaluate(engine, eval_items, env, cfg.generation)})
+            run_dir.log(0, rollout.evaluate(engine, eval_items, env, cfg.generation, cfg.run.eval_samples))
         for step in range(start + 1, cfg.run.steps + 1):
             t = Timer()
             with t("step"):
@@ -81,7 +81,9 @@ def run(cfg: Any) -> int:
             metrics.update(t)
             metrics["throughput/tokens_per_s"] = sum(len(s["ids"]) for s in seqs) / t["timing/step_s"]
             if cfg.run.eval_every and (step % cfg.run.eval_every == 0 or step == cfg.run.steps):
-                metrics["eval/accuracy"] = rollout.evaluate(engine, eval_items, env, cfg.generation)
+                metrics.update(
+                    rollout.evaluate(engine, eval_items, env, cfg.generation, cfg.run.eval_samples)
+                )
             run_dir.log(step, metrics)
             bar.update(step, metrics)
             # checkpoint_every=0: only the final checkpoint

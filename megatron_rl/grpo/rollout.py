@@ -86,8 +86,18 @@ def collect(
     return rollouts, stats
 
 
-def evaluate(engine: Any, items: list[dict[str, Any]], env: Any, gen_cfg: Any) -> float:
-    """Greedy accuracy on held-out prompts."""
-    batch = generate(engine, items, sampling_settings(gen_cfg, 1, seed=0, greedy=True))
-    scores = env.score(batch.responses, batch.metadata)
-    return sum(scores) / max(len(scores), 1)
+def evaluate(
+    engine: Any, items: list[dict[str, Any]], env: Any, gen_cfg: Any, samples: int = 0
+) -> dict[str, float]:
+    """Held-out accuracy: greedy (`eval/accuracy`) and, with `samples` > 0, the mean over that many samples
+    per prompt at the training temperature (`eval/accuracy_sampled`, what the policy actually generates)."""
+
+    def accuracy(n: int, greedy: bool) -> float:
+        batch = generate(engine, items, sampling_settings(gen_cfg, n, seed=0, greedy=greedy))
+        scores = env.score(batch.responses, batch.metadata)
+        return sum(scores) / max(len(scores), 1)
+
+    out = {"eval/accuracy": accuracy(1, True)}
+    if samples:
+        out["eval/accuracy_sampled"] = accuracy(samples, False)
+    return out

@@ -85,6 +85,19 @@ def test_sampling_settings(engine):
             assert cut.token_ids == full.token_ids
 
 
+def test_large_seeded_batch_is_generated_in_waves(engine):
+    """600 seeded requests exceed one scheduler step (token budget and max_num_seqs). vLLM would chunk some
+    prefills and then rewind their generators, which CPU generators cannot do; the engine splits the batch
+    instead, and since every request is seeded the split changes nothing."""
+    sampling = SamplingSettings(temperature=1.0, max_new_tokens=4, n=2, seed=3)
+    prompt = PROMPT * 4  # 60 tokens: 256 admitted sequences need ~15k prefill tokens in one step
+    alone = engine.generate([prompt], sampling)[0]
+    crowd = engine.generate([prompt] * 300, sampling)
+    assert len(crowd) == 300 and all(len(group) == 2 for group in crowd)
+    want = [s.token_ids for s in alone]
+    assert all([s.token_ids for s in group] == want for group in crowd)
+
+
 def straddling_layers(weights, bucket_bytes: int) -> set[str]:
     """vLLM layers (q/k/v fused into qkv_proj, gate/up into gate_up_proj) whose tensors land in two buckets."""
     from megatron_rl.generation.buckets import iter_buckets

@@ -33,7 +33,7 @@ def metrics(run_dir: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def learning_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("grpo_learn")
-    proc = launch(f"run.dir={run_dir}", "run.steps=40", "run.eval_every=20")
+    proc = launch(f"run.dir={run_dir}", "run.steps=40", "run.eval_every=20", "run.eval_samples=4")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir, metrics(run_dir)
 
@@ -45,6 +45,8 @@ def test_reward_rises(learning_run):
     first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
     assert last > first + 0.05, (first, last)
     assert [r["step"] for r in rows if "eval/accuracy" in r] == [0, 20, 40]
+    sampled = [r["eval/accuracy_sampled"] for r in rows if "eval/accuracy" in r]
+    assert all(0.0 <= a <= 1.0 for a in sampled) and sampled[-1] > sampled[0], sampled
 
 
 def test_run_directory_and_metrics(learning_run):
