@@ -35,6 +35,11 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return masked_sum(x, mask) / mask.sum().clamp(min=1)
 
 
+def masked_seq_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[b, T] -> [b, 1]: the masked mean of each sequence."""
+    return (masked_sum(x, mask, dim=1) / mask.sum(dim=1).clamp(min=1)).unsqueeze(1)
+
+
 def aggregate(
     per_token: torch.Tensor, mask: torch.Tensor, loss_agg: str
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from megatron_rl.algorithms.aggregation import masked_sum
+from megatron_rl.algorithms.aggregation import masked_seq_mean
 from megatron_rl.algorithms.losses import (
     Metrics,
     add_kl,
@@ -25,13 +25,9 @@ from megatron_rl.algorithms.losses import (
     functional_loss,
     micro_batch_loss,
     per_token_advantages,
+    tis_weights,
 )
 from megatron_rl.algorithms.registry import register_policy_loss
-
-
-def _seq_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[b, T] -> [b, 1] masked mean per sequence."""
-    return (masked_sum(x, mask, dim=1) / mask.sum(dim=1).clamp(min=1)).unsqueeze(1)
 
 
 def gspo_terms(
@@ -51,24 +47,20 @@ def gspo_terms(
 ) -> tuple[torch.Tensor, Metrics]:
     check_pg_settings(clip_low, clip_high, dual_clip, loss_agg, kl_coef, kl_estimator, tis_cap)
     lp, mask = logprobs.float(), mask.float()
-    seq_log_ratio = _seq_mean(lp - old_logprobs.float(), mask)  # [b, 1]
+    seq_log_ratio = masked_seq_mean(lp - old_logprobs.float(), mask)  # [b, 1]
     has = mask.sum(dim=1) > 0
     metrics: Metrics = {
         "ratio_mean": torch.exp(seq_log_ratio.squeeze(1))[has].mean().detach()
         if has.any()
         else torch.zeros(())
     }
-    seq_w = None
-    if tis_cap is not None:
-        if engine_logprobs is None:
-            raise ValueError("tis_cap is set but the batch has no engine (generation) logprobs `engine_lp`")
-        seq_w = torch.exp(_seq_mean(old_logprobs.float() - engine_logprobs.float(), mask)).clamp(max=tis_cap)
-        seq_w = seq_w.detach()
+    seq_w = tis_weights(old_logprobs, engine_logprobs, tis_cap, seq_mask=mask)
+    if seq_w is not None:
         metrics["tis_mean"] = seq_w.squeeze(1)[has].mean() if has.any() else torch.zeros(())
     # Value s_i on every token, gradient s_i * d logp_t.
     log_s = seq_log_ratio.detach() + lp - lp.detach()
     adv = per_token_advantages(advantages, lp)
-    per_token = clipped_surrogate(lp, log_s, adv, mask, clip_low, clip_high, dual_clip, seq_w, metrics)
+    per_token, _ = clipped_surrogate(lp, log_s, adv, mask, clip_low, clip_high, dual_clip, seq_w, metrics)
     per_token = add_kl(per_token, lp, ref_logprobs, mask, kl_coef, kl_estimator, metrics)
     return per_token, metrics
 

@@ -18,7 +18,13 @@ from typing import Any
 
 import torch
 
-from megatron_rl.algorithms.aggregation import aggregate, check_loss_agg, masked_mean, normalize
+from megatron_rl.algorithms.aggregation import (
+    aggregate,
+    check_loss_agg,
+    masked_mean,
+    masked_seq_mean,
+    normalize,
+)
 from megatron_rl.algorithms.kl import KL_ESTIMATORS, kl_penalty
 from megatron_rl.algorithms.registry import register_policy_loss
 from megatron_rl.errors import UserError
@@ -63,15 +69,22 @@ def per_token_advantages(adv: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def tis_weights(
-    old_logprobs: torch.Tensor, engine_logprobs: torch.Tensor | None, tis_cap: float | None
+    old_logprobs: torch.Tensor,
+    engine_logprobs: torch.Tensor | None,
+    tis_cap: float | None,
+    seq_mask: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """min(pi_old / pi_engine, cap), detached: re-weights tokens sampled by the engine (vLLM) as if sampled
-    by the training policy, truncated so rare large ratios cannot blow up the variance."""
+    by the training policy, truncated so rare large ratios cannot blow up the variance. With `seq_mask`, one
+    weight per sequence [b, 1] from its mean log-ratio over the masked tokens (GSPO's sequence level)."""
     if tis_cap is None:
         return None
     if engine_logprobs is None:
         raise ValueError("tis_cap is set but the batch has no engine (generation) logprobs `engine_lp`")
-    return torch.exp(old_logprobs.float() - engine_logprobs.float()).clamp(max=tis_cap).detach()
+    log_w = old_logprobs.float() - engine_logprobs.float()
+    if seq_mask is not None:
+        log_w = masked_seq_mean(log_w, seq_mask)
+    return torch.exp(log_w).clamp(max=tis_cap).detach()
 
 
 def add_kl(
@@ -105,9 +118,10 @@ def clipped_surrogate(
     dual_clip: float | None,
     is_weights: torch.Tensor | None,
     metrics: Metrics,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)) with r = exp(log_ratio), then the dual
-    clip and the (detached) importance weights. Shared by token-level PPO/GRPO and sequence-level GSPO."""
+    clip and the (detached) importance weights. Shared by token-level PPO/GRPO and sequence-level GSPO.
+    Returns (per-token loss, r)."""
     # Log-ratio 0 outside the mask, so padding can never overflow exp() (inf there would make NaN grads).
     ratio = torch.exp(torch.where(mask > 0, log_ratio, torch.zeros_like(lp)))
     unclipped = -adv * ratio
@@ -124,7 +138,7 @@ def clipped_surrogate(
     if is_weights is not None:
         per_token = per_token * is_weights
     metrics["pg_loss"] = masked_mean(per_token, mask).detach()
-    return per_token
+    return per_token, ratio
 
 
 def clipped_pg_terms(
@@ -145,13 +159,13 @@ def clipped_pg_terms(
     """Per-token loss [b, T] of the clipped surrogate (+ KL), and micro-batch metrics."""
     check_pg_settings(clip_low, clip_high, dual_clip, loss_agg, kl_coef, kl_estimator, tis_cap)
     lp, mask = logprobs.float(), mask.float()
-    log_ratio = lp - old_logprobs.float()
-    metrics: Metrics = {
-        "ratio_mean": masked_mean(torch.exp(torch.where(mask > 0, log_ratio, 0.0)), mask).detach()
-    }
+    metrics: Metrics = {}
     weights = tis_weights(old_logprobs, engine_logprobs, tis_cap)
     adv = per_token_advantages(advantages, lp)
-    per_token = clipped_surrogate(lp, log_ratio, adv, mask, clip_low, clip_high, dual_clip, weights, metrics)
+    per_token, ratio = clipped_surrogate(
+        lp, lp - old_logprobs.float(), adv, mask, clip_low, clip_high, dual_clip, weights, metrics
+    )
+    metrics["ratio_mean"] = masked_mean(ratio, mask).detach()
     if weights is not None:
         metrics["tis_mean"] = masked_mean(weights, mask)
         metrics["tis_clip_fraction"] = masked_mean((weights >= tis_cap).float(), mask)
