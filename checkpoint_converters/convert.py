@@ -111,7 +111,7 @@ def hf_to_megatron(
 
                 def param_pieces(name: str) -> list[torch.Tensor]:
                     m = by_name[name]
-                    parts = [ckpt.get(h) for h in m.hf_names]
+                    parts = [ckpt.mapped(h) for h in m.hf_names]
                     pieces = to_megatron_pieces(m.kind, parts, 0, 1, heads, groups)
                     return [p.to(torch_dtype) for p in pieces]
 

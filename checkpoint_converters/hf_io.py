@@ -1,9 +1,10 @@
 """Hugging Face safetensors checkpoints, read and written tensor by tensor.
 
-Reading uses positioned reads (os.pread) of exactly the bytes a tensor (or one rank's slice of it) needs
-instead of mmap: pages touched through an mmap stay in the process's resident set, so converting a model
-through safe_open grows RSS to the checkpoint size. The safetensors header is validated up front, so a
-truncated or corrupted file fails before anything is written, naming the file and tensor.
+Reading uses positioned reads (os.pread) of exactly the bytes a tensor (or one rank's slice of it) needs,
+or (`mapped`, for streaming conversion) a private mapping of just one tensor's pages that goes away with the
+tensor; never a mapping of the whole file: pages touched through it stay in the process's resident set, so
+converting a model through safe_open grows RSS to the checkpoint size. The safetensors header is validated
+up front, so a truncated or corrupted file fails before anything is written, naming the file and tensor.
 
 Writing (`StreamingHFWriter`) plans the shards from the tensor shapes first, so each file's header is
 written before its data and every tensor goes to disk as soon as it exists.
@@ -12,6 +13,7 @@ written before its data and every tensor goes to disk as soon as it exists.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import shutil
 import threading
@@ -19,6 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from checkpoint_converters.transforms import Slice
@@ -170,11 +173,35 @@ class HFCheckpoint:
         # Other dims are strided on disk; read the tensor and keep a compact copy of the slice.
         return out.narrow(piece[0], piece[1], piece[2] - piece[1]).clone()
 
-    def _pread(self, info: TensorInfo, out: torch.Tensor, offset: int) -> None:
+    def mapped(self, name: str) -> torch.Tensor:
+        """The whole tensor as a zero-copy view of the file (a private mapping of just its pages, unmapped
+        when the tensor is freed), with the kernel asked to read it ahead. Writing such a tensor to another
+        file copies page cache to page cache once; reading it into fresh memory first (`get`) costs a
+        second copy plus faulting in new anonymous pages, which on these VMs made converting 3x slower."""
+        info = self.info(name)
+        size = info.end - info.start
+        if size == 0 or info.start % info.dtype.itemsize:
+            return self.get(name)  # nothing to map / misaligned for a typed view
+        fd = self._fd(info.file)
+        if os.fstat(fd).st_size < info.end:  # touching a mapped page past the end would be SIGBUS
+            raise UserError(
+                f"Cannot read tensor {name!r} from {info.file}: the file is shorter than its header says."
+            )
+        start = info.start - info.start % mmap.ALLOCATIONGRANULARITY
+        mapping = mmap.mmap(fd, info.end - start, access=mmap.ACCESS_COPY, offset=start)
+        mapping.madvise(mmap.MADV_WILLNEED)
+        raw = np.frombuffer(mapping, dtype=np.uint8, count=size, offset=info.start - start)
+        return torch.from_numpy(raw).view(info.dtype).reshape(info.shape)
+
+    def _fd(self, file: Path) -> int:
         with self._lock:
-            fd = self._fds.get(info.file)
+            fd = self._fds.get(file)
             if fd is None:
-                fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+                fd = self._fds[file] = os.open(file, os.O_RDONLY)
+            return fd
+
+    def _pread(self, info: TensorInfo, out: torch.Tensor, offset: int) -> None:
+        fd = self._fd(info.file)
         view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
         done = 0
         while done < len(view):

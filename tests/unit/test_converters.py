@@ -182,6 +182,20 @@ def test_reader_is_bit_exact_and_reads_slices(sharded):
     ckpt.close()
 
 
+def test_mapped_tensors_equal_reads_outlive_the_reader_and_catch_truncation(sharded):
+    path, tensors = sharded
+    ckpt = HFCheckpoint(path)
+    mapped = {name: ckpt.mapped(name) for name in tensors}
+    ckpt.close()  # a mapping keeps its own reference to the file
+    for name, t in tensors.items():
+        assert mapped[name].dtype == t.dtype and torch.equal(mapped[name], t), name
+    ckpt = HFCheckpoint(path)
+    with open(path / "m-2.safetensors", "r+b") as f:  # shrunk after the header was checked
+        f.truncate(ckpt.info("d").end - 4)
+    with pytest.raises(UserError, match=r"tensor 'd' from .*m-2.safetensors: the file is shorter"):
+        ckpt.mapped("d")
+
+
 def _single(tmp_path: Path) -> Path:
     save_file({"w": rand(64, 64), "v": rand(8)}, str(tmp_path / "model.safetensors"))
     return tmp_path / "model.safetensors"
