@@ -217,7 +217,7 @@ def transformer_config_from_hf(
         bias_dropout_fusion=False,
         masked_softmax_fusion=not on_cpu,
         apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
+        gradient_accumulation_fusion=platform.wgrad_accumulation_fusion(),
         persist_layer_norm=False,
         use_cpu_initialization=on_cpu,
         # CPU p2p has no streams to synchronise (see platform.py).

@@ -63,10 +63,17 @@ def gathered_grads(policy: MegatronPolicy) -> dict[str, torch.Tensor]:
 
 
 def _policy(
-    model_dir: str, par: ParallelConfig, ckpt: str | None, lr: float = 1e-3, sharded_optimizer: bool = True
+    model_dir: str,
+    par: ParallelConfig,
+    ckpt: str | None,
+    lr: float = 1e-3,
+    sharded_optimizer: bool = True,
+    clip_grad: float = 1.0,
 ) -> MegatronPolicy:
     distributed.initialize(par, seed=1234)
-    optim = OptimConfig(lr=lr, weight_decay=0.0, use_distributed_optimizer=sharded_optimizer)
+    optim = OptimConfig(
+        lr=lr, weight_decay=0.0, use_distributed_optimizer=sharded_optimizer, clip_grad=clip_grad
+    )
     policy = MegatronPolicy(load_hf_config(model_dir), par, optim)
     if ckpt:
         load_checkpoint(policy, ckpt, with_optimizer=False)
@@ -108,6 +115,36 @@ def dense_equivalence(rank: int, model_dir: str, work: str) -> dict[str, Any]:
     return out
 
 
+# Megatron parameter -> the HF tensors it is made of, concatenated along dim 0 (layouts that need no
+# interleaving: the gradient check below compares them directly).
+HF_SAME_LAYOUT = {
+    "embedding.word_embeddings.weight": ["model.embed_tokens.weight"],
+    "decoder.final_layernorm.weight": ["model.norm.weight"],
+    "decoder.layers.0.self_attention.linear_proj.weight": ["model.layers.0.self_attn.o_proj.weight"],
+    "decoder.layers.1.mlp.linear_fc1.weight": [
+        "model.layers.1.mlp.gate_proj.weight",
+        "model.layers.1.mlp.up_proj.weight",
+    ],
+    "decoder.layers.1.mlp.linear_fc2.weight": ["model.layers.1.mlp.down_proj.weight"],
+    "output_layer.weight": ["lm_head.weight"],
+}
+
+
+def train_step_grads(rank: int, model_dir: str) -> dict[str, Any]:
+    """world 1: the gradients one train step accumulates in Megatron's main_grad buffers (mean NLL of
+    fixed_batch), for the parameters in HF_SAME_LAYOUT that the model has."""
+    # No clipping: it would scale main_grad in place during the step.
+    policy = _policy(model_dir, ParallelConfig(), None, sharded_optimizer=False, clip_grad=0.0)
+    policy.load_hf(model_dir)
+    policy.train_step([{"input_ids": fixed_batch()}], nll_loss)
+    # numpy: pickled by value (a tensor would travel as a shared-memory handle the exiting child closes)
+    grads = {
+        n: p.main_grad.detach().numpy().copy() for n, p in policy.named_parameters() if n in HF_SAME_LAYOUT
+    }
+    distributed.destroy_model_parallel()
+    return grads
+
+
 def moe_equivalence(rank: int, model_dir: str, work: str) -> dict[str, Any]:
     """world 2: EP1 (dp2) vs EP2 and TP2+EP2+SP (etp=1) forward on the same weights."""
     ids = fixed_batch(seed=1)
@@ -125,20 +162,19 @@ def moe_equivalence(rank: int, model_dir: str, work: str) -> dict[str, Any]:
 
 
 def vocab_parallel_logprobs_check(rank: int) -> dict[str, float]:
-    """world 2, tp=2: the vocab-parallel logprob (and its gradient) vs a plain full-vocab log_softmax."""
-    from megatron.core import parallel_state
-
-    from megatron_rl.policy.logprobs import vocab_parallel_logprobs
+    """world 2, tp=2: the policy's per-token logprob (minus Megatron's vocab-parallel cross entropy on
+    each rank's vocab slice) and its gradient vs a plain full-vocab log_softmax."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     distributed.initialize(ParallelConfig(tp=2), seed=0)
     g = torch.Generator().manual_seed(7)
-    full = (torch.randn(3, 11, 64, generator=g) * 4).requires_grad_(True)
-    target = torch.randint(0, 64, (3, 11), generator=g)
-    weight = torch.randn(3, 11, generator=g)
+    full = (torch.randn(11, 3, 64, generator=g) * 4).requires_grad_(True)  # [s, b, V] as GPTModel has it
+    target = torch.randint(0, 64, (11, 3), generator=g)
+    weight = torch.randn(11, 3, generator=g)
     ref = torch.log_softmax(full, -1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
     (ref * weight).sum().backward()
     shard = full.detach()[..., rank * 32 : (rank + 1) * 32].clone().requires_grad_(True)
-    got = vocab_parallel_logprobs(shard, target, parallel_state.get_tensor_model_parallel_group())
+    got = -vocab_parallel_cross_entropy(shard * 1.0, target)  # * 1.0: it works in place on its input
     (got * weight).sum().backward()
     distributed.destroy_model_parallel()
     return {

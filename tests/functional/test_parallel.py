@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from megatron_rl import distributed
 from megatron_rl.models.tiny import save_tiny_checkpoint
@@ -20,7 +21,9 @@ ARCHS = ["llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral"]
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    return {a: str(save_tiny_checkpoint(root / a, a, attention_bias=a == "qwen2")) for a in ARCHS}
+    dirs = {a: str(save_tiny_checkpoint(root / a, a, attention_bias=a == "qwen2")) for a in ARCHS}
+    dirs["llama_tied"] = str(save_tiny_checkpoint(root / "llama_tied", "llama", tie_word_embeddings=True))
+    return dirs
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +36,9 @@ def test_tp2_sequence_parallel_matches_tp1(dense):
     assert r["tp1_logits"].shape == r["tp2_logits"].shape == (2, 23, 384)
     assert (r["tp1_logits"] - r["tp2_logits"]).abs().max().item() <= 1e-5
     assert (r["tp1_logprobs"] - r["tp2_logprobs"]).abs().max().item() <= 1e-5
+    ids = sc.fixed_batch()
+    plain = torch.log_softmax(r["tp1_logits"][:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    assert (r["tp1_logprobs"] - plain).abs().max().item() <= 1e-5
     assert r["tp2_step"]["loss"] == pytest.approx(r["tp1_step"]["loss"], abs=1e-5)
     # Every parameter's gradient, gathered into the TP=1 layout, matches.
     assert r["grad_max_abs"] > 1e-3
@@ -64,6 +70,25 @@ def test_expert_parallel_matches_ep1(arch, tiny_dirs, tmp_path):
     assert math.isfinite(r["ep2_step"]["loss"])
 
 
+@pytest.mark.parametrize("arch", ["llama", "llama_tied"])
+def test_train_step_gradients_equal_transformers_autograd(arch, tiny_dirs):
+    """The gradients Megatron accumulates (cross entropy on [s, b, V] logits, weight gradients fused into
+    main_grad, a tied embedding's two uses summed) equal autograd's through transformers, fp32."""
+    from transformers import AutoModelForCausalLM
+
+    got = distributed.spawn(sc.train_step_grads, 1, tiny_dirs[arch])[0]
+    hf = AutoModelForCausalLM.from_pretrained(tiny_dirs[arch], dtype=torch.float32)
+    ids = sc.fixed_batch()
+    logp = torch.log_softmax(hf(input_ids=ids).logits[:, :-1].float(), -1)
+    (-logp.gather(-1, ids[:, 1:, None]).mean()).backward()
+    hf_grads = dict(hf.named_parameters())
+    assert ("output_layer.weight" in got) == (arch == "llama")
+    for name, grad in got.items():
+        want = torch.cat([hf_grads[h].grad for h in sc.HF_SAME_LAYOUT[name]])
+        assert want.abs().max() > 1e-4, name
+        torch.testing.assert_close(torch.from_numpy(grad), want, atol=2e-6, rtol=1e-4, msg=name)
+
+
 def test_vocab_parallel_logprobs_match_log_softmax():
     for r in distributed.spawn(sc.vocab_parallel_logprobs_check, 2):
         assert r["value_err"] <= 1e-5
@@ -71,7 +96,7 @@ def test_vocab_parallel_logprobs_match_log_softmax():
 
 
 def test_every_architecture_builds_and_trains(tiny_dirs):
-    out = distributed.spawn(sc.build_every_architecture, 2, tiny_dirs)[0]
+    out = distributed.spawn(sc.build_every_architecture, 2, {a: tiny_dirs[a] for a in ARCHS})[0]
     assert set(out) == set(ARCHS)
     for arch, r in out.items():
         # A random model over 384 tokens starts near ln(384) = 5.95 nats.
