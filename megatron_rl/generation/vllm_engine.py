@@ -112,10 +112,14 @@ class VLLMEngine(GenerationEngine):
         )
         version = self.version
         outputs = []
+        done = 0
         for wave in self._waves(prompts, sampling):
             outputs += self.llm.generate(
-                [TokensPrompt(prompt_token_ids=p) for p in wave], params, use_tqdm=False
+                [TokensPrompt(prompt_token_ids=p) for p in wave],
+                [self._seeded(params, done + i) for i in range(len(wave))],
+                use_tqdm=False,
             )
+            done += len(wave)
         result = []
         for out in outputs:
             samples = []
@@ -126,6 +130,16 @@ class VLLMEngine(GenerationEngine):
                 samples.append(Sample(ids, lps, reason, c.text, version))
             result.append(samples)
         return result
+
+    @staticmethod
+    def _seeded(params: Any, index: int) -> Any:
+        """Prompt `index`'s own seed: vLLM gives sample j of a request `seed + j`, so prompts are `n` seeds
+        apart; with one seed for all, two identical prompts in a batch would get identical samples."""
+        if params.seed is None:
+            return params
+        own = params.clone()
+        own.seed = params.seed + index * params.n
+        return own
 
     def _waves(self, prompts: list[list[int]], sampling: SamplingSettings) -> list[list[list[int]]]:
         """Splits seeded CPU generation into batches whose prompts the scheduler prefills whole in one step.

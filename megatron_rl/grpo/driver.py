@@ -78,6 +78,8 @@ def run(cfg: Any) -> int:
                     with t("refit"):
                         refit = engine.refit_from(policy, version=step)
                     metrics["refit/gb_per_s"] = refit["gb_per_s"]
+                    # the engine's share (receive + load into its kernels); the rest is export + transport
+                    metrics["refit/engine_load_s"] = refit.get("receive_s", 0.0) + refit.get("load_s", 0.0)
             metrics.update(t)
             metrics["throughput/tokens_per_s"] = sum(len(s["ids"]) for s in seqs) / t["timing/step_s"]
             if cfg.run.eval_every and (step % cfg.run.eval_every == 0 or step == cfg.run.steps):

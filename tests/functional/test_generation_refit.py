@@ -88,14 +88,16 @@ def test_sampling_settings(engine):
 def test_large_seeded_batch_is_generated_in_waves(engine):
     """600 seeded requests exceed one scheduler step (token budget and max_num_seqs). vLLM would chunk some
     prefills and then rewind their generators, which CPU generators cannot do; the engine splits the batch
-    instead, and since every request is seeded the split changes nothing."""
+    instead. Each prompt has its own seed (from the call's seed and its index), so the split changes
+    nothing, and identical prompts still get samples of their own."""
     sampling = SamplingSettings(temperature=1.0, max_new_tokens=4, n=2, seed=3)
     prompt = PROMPT * 4  # 60 tokens: 256 admitted sequences need ~15k prefill tokens in one step
-    alone = engine.generate([prompt], sampling)[0]
+    few = engine.generate([prompt] * 3, sampling)
     crowd = engine.generate([prompt] * 300, sampling)
     assert len(crowd) == 300 and all(len(group) == 2 for group in crowd)
-    want = [s.token_ids for s in alone]
-    assert all([s.token_ids for s in group] == want for group in crowd)
+    assert [[s.token_ids for s in g] for g in crowd[:3]] == [[s.token_ids for s in g] for g in few]
+    distinct = {tuple(s.token_ids) for group in crowd for s in group}
+    assert len(distinct) > 500, len(distinct)
 
 
 def straddling_layers(weights, bucket_bytes: int) -> set[str]:

@@ -68,6 +68,8 @@ def test_run_directory_and_metrics(learning_run):
         "timing/logprobs_s",
         "timing/train_s",
         "timing/refit_s",
+        "refit/gb_per_s",
+        "refit/engine_load_s",
         "timing/step_s",
         "throughput/tokens_per_s",
         "memory/peak_gb",
