@@ -253,7 +253,38 @@ def _patch_megatron_modules() -> None:
         moe_utils.te_general_gemm = None
 
     _use_fused_cpu_adam()
+    _foreach_grad_clipping()
     _provide_wgrad_accumulation_kernel()
+
+
+def _foreach_grad_clipping() -> None:
+    # Without TE or apex, Megatron's gradient clipping falls back to Python loops: a norm per tensor, and a
+    # scale that computes `src * scale` into a temporary as big as each gradient before copying it back
+    # (also the optimizer's fp32 <-> bf16 copies). torch's multi-tensor (foreach) CPU kernels do each in one
+    # call, the scale in place.
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads
+
+    if clip_grads.l2_norm_impl is not utils.local_multi_tensor_l2_norm:
+        return
+
+    def l2_norm(
+        chunk_size: int, noop: Any, tensor_lists: list[list[torch.Tensor]], per_tensor: bool, *args: Any
+    ):
+        norms = torch._foreach_norm(tensor_lists[0]) if tensor_lists[0] else [torch.zeros(())]
+        return torch.linalg.vector_norm(torch.stack(norms)).reshape(1).float(), None
+
+    def scale(chunk_size: int, noop: Any, tensor_lists: list[list[torch.Tensor]], factor: float) -> None:
+        src, dst = tensor_lists
+        if any(a is not b for a, b in zip(src, dst)):
+            torch._foreach_copy_(dst, src)
+        if factor != 1.0:
+            torch._foreach_mul_(dst, factor)
+
+    from megatron.core.optimizer import optimizer
+
+    clip_grads.l2_norm_impl = l2_norm
+    clip_grads.multi_tensor_scale_impl = optimizer.multi_tensor_scale_impl = scale
 
 
 class _CpuWgradAccumulation:
