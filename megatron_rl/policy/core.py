@@ -54,7 +54,6 @@ class MegatronPolicy:
             self.optimizer, self.scheduler = build_optimizer(chunks, optim, dtype, sharded)
             self._wire_grad_hooks(chunks)
         self.model = chunks
-        self.tp_group = parallel_state.get_tensor_model_parallel_group()
         self.pad_multiple = parallel.tp * (2 * parallel.cp if parallel.cp > 1 else 1)
 
     def _wire_grad_hooks(self, chunks: list[Any]) -> None:
