@@ -294,6 +294,8 @@ class _CpuWgradAccumulation:
     def wgrad_gemm_accum_fp32(
         total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor
     ) -> None:
+        if total_input.dtype != main_grad.dtype:  # bf16/fp16 training: accumulate in fp32, as apex does
+            total_input, grad_output = total_input.to(main_grad.dtype), grad_output.to(main_grad.dtype)
         main_grad.addmm_(grad_output.t(), total_input)
 
     wgrad_gemm_accum_fp16 = wgrad_gemm_accum_fp32

@@ -132,7 +132,8 @@ HF_SAME_LAYOUT = {
 
 def train_step_grads(rank: int, model_dir: str) -> dict[str, Any]:
     """world 1: the gradients one train step accumulates in Megatron's main_grad buffers (mean NLL of
-    fixed_batch), for the parameters in HF_SAME_LAYOUT that the model has."""
+    fixed_batch), for the parameters in HF_SAME_LAYOUT that the model has; then the losses of three bf16
+    steps (bf16 weights and activations, fp32 main_grad and master weights)."""
     # No clipping: it would scale main_grad in place during the step.
     policy = _policy(model_dir, ParallelConfig(), None, sharded_optimizer=False, clip_grad=0.0)
     policy.load_hf(model_dir)
@@ -142,7 +143,12 @@ def train_step_grads(rank: int, model_dir: str) -> dict[str, Any]:
         n: p.main_grad.detach().numpy().copy() for n, p in policy.named_parameters() if n in HF_SAME_LAYOUT
     }
     distributed.destroy_model_parallel()
-    return grads
+    distributed.initialize(ParallelConfig(), seed=1234)
+    bf16 = MegatronPolicy(load_hf_config(model_dir), ParallelConfig(), OptimConfig(lr=1e-3), torch.bfloat16)
+    bf16.load_hf(model_dir)
+    losses = [bf16.train_step([{"input_ids": fixed_batch()}], nll_loss)["loss"] for _ in range(3)]
+    distributed.destroy_model_parallel()
+    return {"grads": grads, "bf16_losses": losses}
 
 
 def moe_equivalence(rank: int, model_dir: str, work: str) -> dict[str, Any]:

@@ -73,10 +73,12 @@ def test_expert_parallel_matches_ep1(arch, tiny_dirs, tmp_path):
 @pytest.mark.parametrize("arch", ["llama", "llama_tied"])
 def test_train_step_gradients_equal_transformers_autograd(arch, tiny_dirs):
     """The gradients Megatron accumulates (cross entropy on [s, b, V] logits, weight gradients fused into
-    main_grad, a tied embedding's two uses summed) equal autograd's through transformers, fp32."""
+    main_grad, a tied embedding's two uses summed) equal autograd's through transformers, fp32; bf16
+    training runs on the same path."""
     from transformers import AutoModelForCausalLM
 
-    got = distributed.spawn(sc.train_step_grads, 1, tiny_dirs[arch])[0]
+    out = distributed.spawn(sc.train_step_grads, 1, tiny_dirs[arch])[0]
+    got = out["grads"]
     hf = AutoModelForCausalLM.from_pretrained(tiny_dirs[arch], dtype=torch.float32)
     ids = sc.fixed_batch()
     logp = torch.log_softmax(hf(input_ids=ids).logits[:, :-1].float(), -1)
@@ -87,6 +89,9 @@ def test_train_step_gradients_equal_transformers_autograd(arch, tiny_dirs):
         want = torch.cat([hf_grads[h].grad for h in sc.HF_SAME_LAYOUT[name]])
         assert want.abs().max() > 1e-4, name
         torch.testing.assert_close(torch.from_numpy(grad), want, atol=2e-6, rtol=1e-4, msg=name)
+    # bf16 trains too (its weight gradients accumulate into fp32 main_grad): the loss falls step by step.
+    losses = out["bf16_losses"]
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
 
 
 def test_vocab_parallel_logprobs_match_log_softmax():
