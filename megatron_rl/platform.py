@@ -314,7 +314,8 @@ def _provide_wgrad_accumulation_kernel() -> None:
 
 def wgrad_accumulation_fusion() -> bool:
     """Whether Megatron's gradient_accumulation_fusion can be on: the CPU kernel is provided here; on GPU
-    it needs apex, which this project does not depend on (Transformer Engine layers fuse it themselves)."""
+    Megatron's local layers need apex's kernel for it, which this project does not depend on, so there it
+    is on only where apex happens to be installed."""
     from megatron.core.tensor_parallel import layers
 
     return bool(layers._grad_accum_fusion_available)

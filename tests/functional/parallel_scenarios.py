@@ -69,12 +69,13 @@ def _policy(
     lr: float = 1e-3,
     sharded_optimizer: bool = True,
     clip_grad: float = 1.0,
+    dtype: torch.dtype = torch.float32,
 ) -> MegatronPolicy:
     distributed.initialize(par, seed=1234)
     optim = OptimConfig(
         lr=lr, weight_decay=0.0, use_distributed_optimizer=sharded_optimizer, clip_grad=clip_grad
     )
-    policy = MegatronPolicy(load_hf_config(model_dir), par, optim)
+    policy = MegatronPolicy(load_hf_config(model_dir), par, optim, dtype)
     if ckpt:
         load_checkpoint(policy, ckpt, with_optimizer=False)
     return policy
@@ -143,8 +144,7 @@ def train_step_grads(rank: int, model_dir: str) -> dict[str, Any]:
         n: p.main_grad.detach().numpy().copy() for n, p in policy.named_parameters() if n in HF_SAME_LAYOUT
     }
     distributed.destroy_model_parallel()
-    distributed.initialize(ParallelConfig(), seed=1234)
-    bf16 = MegatronPolicy(load_hf_config(model_dir), ParallelConfig(), OptimConfig(lr=1e-3), torch.bfloat16)
+    bf16 = _policy(model_dir, ParallelConfig(), None, dtype=torch.bfloat16)
     bf16.load_hf(model_dir)
     losses = [bf16.train_step([{"input_ids": fixed_batch()}], nll_loss)["loss"] for _ in range(3)]
     distributed.destroy_model_parallel()
