@@ -58,8 +58,9 @@ def bench_model(model_dir: str | Path, name: str, batch: int, seq: int, rounds: 
         hf_fwd_bwd()
         opt.step()
 
-    for fn in (megatron_step, hf_fwd_bwd, hf_step):  # warm-up: allocator, lazy inits
-        fn()
+    for _ in range(2):  # warm-up: lazy inits, and the heap growing to the steps' peak (platform.cpu_kernels)
+        for fn in (megatron_step, hf_fwd_bwd, hf_step):
+            fn()
     m, f, s = [], [], []
     for _ in range(rounds):  # interleaved so drift affects all three alike
         m += _time(megatron_step, 1)

@@ -212,15 +212,15 @@ def transformer_config_from_hf(
         expert_model_parallel_size=parallel.ep,
         expert_tensor_parallel_size=parallel.etp if parallel.etp is not None else parallel.tp,
         sequence_parallel=parallel.sequence_parallel,
-        # Fused kernels need TE/apex; the unfused paths are exact and portable.
-        bias_activation_fusion=False,
+        # The fused SwiGLU where platform provides its kernels; other fusions need TE/apex or CUDA.
+        bias_activation_fusion=platform.activation_fusion(),
         bias_dropout_fusion=False,
         masked_softmax_fusion=not on_cpu,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=platform.wgrad_accumulation_fusion(),
         persist_layer_norm=False,
         use_cpu_initialization=on_cpu,
-        # CPU p2p has no streams to synchronise (see platform.py).
+        # CPU p2p has no streams to synchronise (see megatron_rl/platform).
         batch_p2p_sync=not on_cpu,
         # The alltoall dispatcher needs CUDA streams and unequal gloo collectives; allgather works on CPU.
         moe_token_dispatcher_type="allgather" if on_cpu and kwargs.get("num_moe_experts") else "alltoall",

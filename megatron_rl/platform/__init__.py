@@ -2,7 +2,9 @@
 
 Megatron Core assumes CUDA in a handful of places (device="cuda" factories, CUDA RNG tracker, CUDA streams,
 `Tensor.type()` spellings). On a machine without CUDA, `apply()` patches exactly those, once, and each patch
-says why. With CUDA present it does nothing: GPU clusters run stock Megatron (NCCL + Transformer Engine).
+says why; `cpu_kernels` stands in for the Transformer Engine / apex kernels whose absence makes Megatron fall
+back to slow paths. With CUDA present it does nothing: GPU clusters run stock Megatron (NCCL + Transformer
+Engine).
 Nothing else in the code base may test for the platform except through `backend()` and `use_cpu()`.
 """
 
@@ -252,68 +254,13 @@ def _patch_megatron_modules() -> None:
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
 
-    _use_fused_cpu_adam()
-    _foreach_grad_clipping()
-    _provide_wgrad_accumulation_kernel()
+    from megatron_rl.platform import cpu_kernels
 
-
-def _foreach_grad_clipping() -> None:
-    # Without TE or apex, Megatron's gradient clipping falls back to Python loops: a norm per tensor, and a
-    # scale that computes `src * scale` into a temporary as big as each gradient before copying it back
-    # (also the optimizer's fp32 <-> bf16 copies). torch's multi-tensor (foreach) CPU kernels do each in one
-    # call, the scale in place.
-    from megatron.core import utils
-    from megatron.core.optimizer import clip_grads
-
-    if clip_grads.l2_norm_impl is not utils.local_multi_tensor_l2_norm:
-        return
-
-    def l2_norm(
-        chunk_size: int, noop: Any, tensor_lists: list[list[torch.Tensor]], per_tensor: bool, *args: Any
-    ):
-        norms = torch._foreach_norm(tensor_lists[0]) if tensor_lists[0] else [torch.zeros(())]
-        return torch.linalg.vector_norm(torch.stack(norms)).reshape(1).float(), None
-
-    def scale(chunk_size: int, noop: Any, tensor_lists: list[list[torch.Tensor]], factor: float) -> None:
-        src, dst = tensor_lists
-        if any(a is not b for a, b in zip(src, dst)):
-            torch._foreach_copy_(dst, src)
-        if factor != 1.0:
-            torch._foreach_mul_(dst, factor)
-
-    from megatron.core.optimizer import optimizer
-
-    clip_grads.l2_norm_impl = l2_norm
-    clip_grads.multi_tensor_scale_impl = optimizer.multi_tensor_scale_impl = scale
-
-
-class _CpuWgradAccumulation:
-    """The CPU equivalent of apex's `fused_weight_gradient_mlp_cuda`: main_grad += grad_output^T @ input."""
-
-    @staticmethod
-    def wgrad_gemm_accum_fp32(
-        total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor
-    ) -> None:
-        if total_input.dtype != main_grad.dtype:  # bf16/fp16 training: accumulate in fp32, as apex does
-            total_input, grad_output = total_input.to(main_grad.dtype), grad_output.to(main_grad.dtype)
-        main_grad.addmm_(grad_output.t(), total_input)
-
-    wgrad_gemm_accum_fp16 = wgrad_gemm_accum_fp32
-
-
-def _provide_wgrad_accumulation_kernel() -> None:
-    # With gradient_accumulation_fusion, a linear layer's backward computes its weight gradient straight
-    # into the DDP main_grad buffer. Without it, every weight gets a freshly allocated gradient that a hook
-    # then adds to the buffer: one more weight-sized write and read per layer, into new memory each step
-    # (~0.2 s of a 4.9 s SmolLM2 step here). The fusion needs apex's CUDA kernel; on CPU it is one addmm.
-    from megatron.core.tensor_parallel import layers
-
-    layers.fused_weight_gradient_mlp_cuda = _CpuWgradAccumulation
-    layers._grad_accum_fusion_available = True
+    cpu_kernels.install()
 
 
 def wgrad_accumulation_fusion() -> bool:
-    """Whether Megatron's gradient_accumulation_fusion can be on: the CPU kernel is provided here; on GPU
+    """Whether Megatron's gradient_accumulation_fusion can be on: `cpu_kernels` provides it on CPU; on GPU
     Megatron's local layers need apex's kernel for it, which this project does not depend on, so there it
     is on only where apex happens to be installed."""
     from megatron.core.tensor_parallel import layers
@@ -321,22 +268,8 @@ def wgrad_accumulation_fusion() -> bool:
     return bool(layers._grad_accum_fusion_available)
 
 
-class _FusedAdamTorch:
-    """`torch` as megatron.core.optimizer sees it, but with torch's fused CPU Adam/AdamW."""
-
-    class optim:  # noqa: N801 - stands in for the torch.optim module
-        Adam = functools.partial(torch.optim.Adam, fused=True)
-        AdamW = functools.partial(torch.optim.AdamW, fused=True)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(torch, name)
-
-
-def _use_fused_cpu_adam() -> None:
-    # Without Transformer Engine or Apex, Megatron builds torch.optim.AdamW with its defaults, which on
-    # CPU is the per-parameter Python loop (~8% of a SmolLM2 train step). torch's fused CPU kernel does the
-    # same update in one pass per tensor.
-    from megatron.core import optimizer as mcore_optimizer
-
-    if getattr(mcore_optimizer, "USING_PYTORCH_OPTIMIZER", False) and mcore_optimizer.torch is torch:
-        mcore_optimizer.torch = _FusedAdamTorch()
+def activation_fusion() -> bool:
+    """Whether Megatron's bias_activation_fusion (the fused SwiGLU) is on: on CPU, where `cpu_kernels`
+    gives it eager kernels. Off on GPU, where its kernels are torch.compile'd and this project has not
+    measured them against the unfused path."""
+    return use_cpu()
