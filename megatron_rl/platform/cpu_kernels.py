@@ -1,7 +1,8 @@
 """CPU stand-ins for the kernels Transformer Engine and apex give Megatron Core on GPU.
 
-Each replaces a slow fallback Megatron takes when neither is installed, computes the same numbers, and says
-what it saved on the 2-core machine (SmolLM2-135M, batch 4 x 256, `python -m megatron_rl.bench train`).
+Each replaces a slow fallback Megatron takes when neither is installed, computes the same numbers (RoPE to
+rounding: one fused multiply-add), and says what it saved on the 2-core machine (SmolLM2-135M, batch
+4 x 256, `python -m megatron_rl.bench train`).
 `install()` applies them; `megatron_rl.platform.apply()` calls it on CPU only.
 """
 
@@ -29,7 +30,7 @@ def keep_freed_memory() -> None:
     # (at most 32 MiB: logits, the embedding and its gradient) with fresh mappings and trims freed heap back
     # to the OS, so every training step first-touches gigabytes of new pages: 120k-400k page faults and 1-4 s
     # of kernel time per SmolLM2 step here. Serving everything from a heap that is never trimmed keeps the
-    # memory mapped from one step to the next: the step went from 7.4 s to 5.8 s, and RSS stays near the
+    # memory mapped from one step to the next: the step went from 7.4-8.0 s to 5.8 s, and RSS stays near the
     # step's peak (+1-2 GiB, flat over steps of varying length), as with a GPU caching allocator.
     # Left alone where the user set glibc's own MALLOC_* or GLIBC_TUNABLES, or libc is not glibc.
     import ctypes
@@ -164,7 +165,7 @@ def _eager_swiglu_fusion() -> None:
     # backward concatenates the halves' gradients into another fresh [tokens, 2 * ffn] tensor. Its fused path
     # (bias_activation_fusion) saves only the input and returns one gradient buffer, but its kernels are
     # torch.compile'd, which on CPU compiles C++ per shape. These eager kernels make that path usable here:
-    # ~3.5 ms less per SmolLM2 layer and a third of the activation memory.
+    # ~3.5 ms less per SmolLM2 layer, and half the memory the activation keeps for its backward.
     from megatron.core.fusions import fused_bias_swiglu as fbs
 
     for name in ("bias_swiglu", "weighted_swiglu", "bias_swiglu_back", "weighted_swiglu_back"):
