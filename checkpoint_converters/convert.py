@@ -86,8 +86,8 @@ def hf_to_megatron(
     stores global tensors); tp/pp/ep are checked against the model and recorded as its intended layout."""
     from checkpoint_converters.dist_ckpt import meta_model, param_maps, single_process_world
     from checkpoint_converters.dist_writer import write_torch_dist
-    from checkpoint_converters.progress import byte_progress
     from megatron_rl.models.hf_config import architecture_of, load_hf_config
+    from megatron_rl.progress import byte_progress
 
     _refuse_existing(Path(out), overwrite)
     hf = load_hf_config(hf_dir)
@@ -186,9 +186,9 @@ def megatron_to_hf(
 ) -> Path:
     """Megatron torch_dist -> HF safetensors shards + index + config + tokenizer, one layer at a time."""
     from checkpoint_converters.dist_ckpt import TorchDistReader, meta_model, param_maps, single_process_world
-    from checkpoint_converters.progress import byte_progress
     from checkpoint_converters.transforms import to_hf
     from megatron_rl.models.hf_config import architecture_of, load_hf_config
+    from megatron_rl.progress import byte_progress
 
     _refuse_existing(Path(out), overwrite)
     ckpt_dir, cfg_dir, meta = read_megatron_dir(megatron_dir, hf_config_dir)

@@ -26,7 +26,11 @@ class DPOTask:
     title = "DPO"
     rows = 2  # chosen and rejected always share a micro-batch
     packing = True
-    bar_fields = {"loss": "train/loss", "acc": "train/accuracy", "margin": "train/rewards/margin"}
+    bar_fields = (
+        ("loss", "train/loss", ".4g"),
+        ("acc", "train/accuracy", ".4g"),
+        ("margin", "train/rewards/margin", ".4g"),
+    )
 
     @staticmethod
     def val_settings(cfg: Any) -> tuple[int, float]:

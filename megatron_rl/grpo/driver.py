@@ -13,7 +13,8 @@ from megatron_rl.environments.base import make_environment
 from megatron_rl.generation.base import token_mult_prob_error
 from megatron_rl.grpo import rollout
 from megatron_rl.grpo.ray_utils import init_ray
-from megatron_rl.grpo.setup import build_engine, build_policy, prepare_model, progress_bar
+from megatron_rl.grpo.setup import build_engine, build_policy, prepare_model
+from megatron_rl.progress import step_progress
 from megatron_rl.training.run_dir import RunDir
 
 
@@ -51,7 +52,7 @@ def run(cfg: Any) -> int:
         data.load_state_dict(state["data"])
         engine.refit_from(policy, version=start)
     run_dir.start_logging(start if ckpt is not None else -1)
-    with progress_bar(cfg.run.steps, start) as bar:
+    with step_progress("GRPO", cfg.run.steps, start, [("reward", "reward/mean", ".3f")]) as bar:
         if start == 0 and cfg.run.eval_every:
             run_dir.log(0, rollout.evaluate(engine, eval_items, env, cfg.generation, cfg.run.eval_samples))
         for step in range(start + 1, cfg.run.steps + 1):

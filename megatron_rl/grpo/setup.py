@@ -1,8 +1,7 @@
-"""Building the GRPO run's parts from config: the starting model, the policy ranks, the engine, the bar."""
+"""Building the GRPO run's parts from config: the starting model, the policy ranks, the engine."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -77,32 +76,3 @@ def build_engine(cfg: Any, model_dir: str) -> EngineClient:
     refit = RefitSettings(transport=g.refit_transport, bucket_mb=g.refit_bucket_mb)
     return EngineClient(model_dir, settings, num_cpus=cfg.cluster.cpus_per_rank, num_gpus=gpus, refit=refit)
 
-
-class _Bar:
-    def __init__(self, progress: Any, task: Any) -> None:
-        self.progress, self.task = progress, task
-
-    def update(self, step: int, m: dict[str, float]) -> None:
-        self.progress.update(
-            self.task,
-            completed=step,
-            reward=m.get("reward/mean", float("nan")),
-            secs=m.get("timing/step_s", float("nan")),
-        )
-
-
-@contextmanager
-def progress_bar(total: int, start: int):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    cols = [
-        TextColumn("[bold]GRPO"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("reward {task.fields[reward]:.3f}"),
-        TextColumn("{task.fields[secs]:.1f}s/step"),
-        TimeRemainingColumn(),
-    ]
-    with Progress(*cols) as progress:
-        task = progress.add_task("grpo", total=total, completed=start, reward=float("nan"), secs=float("nan"))
-        yield _Bar(progress, task)

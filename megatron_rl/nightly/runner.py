@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from megatron_rl.errors import UserError
 from megatron_rl.nightly.local import LocalRun, Outcome
@@ -20,6 +19,7 @@ from megatron_rl.nightly.metrics import last_logged_step
 from megatron_rl.nightly.results import EntryResult, judge
 from megatron_rl.nightly.slurm import Scheduler, SlurmRun
 from megatron_rl.nightly.suite import Entry, Suite
+from megatron_rl.progress import entry_progress
 
 STYLE = {"passed": "green", "failed": "red", "error": "red", "timeout": "red"}
 
@@ -29,7 +29,6 @@ class _Slot:
     entry: Entry
     run_dir: Path
     handle: Any = None  # LocalRun | SlurmRun
-    task: Any = None
     launched: float = 0.0
     result: EntryResult | None = None
 
@@ -52,17 +51,10 @@ def run_entries(
     """Returns one result per entry, in suite order, and whether the user interrupted (Ctrl-C)."""
     scheduler = scheduler or Scheduler()
     slots = [_Slot(e, (run_root / e.name).absolute()) for e in entries]
-    columns = [
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[state]}"),
-        TimeElapsedColumn(),
-    ]
     interrupted = False
-    with Progress(*columns, console=console, transient=False) as progress:
+    with entry_progress(console) as progress:
         for s in slots:
-            s.task = progress.add_task(s.entry.name, total=s.entry.steps, state="waiting", start=False)
+            progress.add(s.entry.name, s.entry.steps)
 
         def finish(s: _Slot, outcome: Outcome) -> None:
             duration = time.monotonic() - s.launched if s.launched else 0.0
@@ -71,8 +63,7 @@ def run_entries(
             s.result = judge(s.entry, outcome, s.run_dir, duration, log, getattr(h, "job_id", None))
             status = s.result.status
             step = s.result.metrics.last_step or 0
-            progress.update(s.task, completed=step, state=f"[{STYLE[status]}]{status}[/]")
-            progress.stop_task(s.task)
+            progress.finish(s.entry.name, f"[{STYLE[status]}]{status}[/]", step)
             failing = "; ".join(f"{a.text}: {a.message}" for a in s.result.failed_assertions[:3])
             progress.console.print(
                 f"[{STYLE[status]}]{status.upper()}[/] {s.entry.name} ({outcome.detail}, "
@@ -81,7 +72,7 @@ def run_entries(
 
         def launch(s: _Slot) -> None:
             s.launched = time.monotonic()
-            progress.start_task(s.task)
+            progress.start(s.entry.name)
             try:
                 s.handle = _handle(s.entry, s.run_dir, suite, launcher, scheduler)
                 early = s.handle.start()
@@ -93,7 +84,7 @@ def run_entries(
             if early is not None:
                 finish(s, early)
                 return
-            progress.update(s.task, state="submitted" if launcher == "slurm" else "running")
+            progress.update(s.entry.name, "submitted" if launcher == "slurm" else "running")
             progress.console.print(f"started {s.entry.name}: {s.handle.describe()}")
 
         try:
@@ -113,7 +104,7 @@ def run_entries(
                         continue
                     step = last_logged_step(s.run_dir / "metrics.jsonl")
                     state = getattr(s.handle, "state", "running")
-                    progress.update(s.task, completed=step, state=state.lower())
+                    progress.update(s.entry.name, state.lower(), step)
                 if any(s.handle is not None and s.result is None for s in slots):
                     time.sleep(poll_s)
         except KeyboardInterrupt:

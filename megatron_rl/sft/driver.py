@@ -23,7 +23,7 @@ class SFTTask:
     title = "SFT"
     rows = 1
     sum_keys: tuple[str, ...] = ()
-    bar_fields = {"loss": "train/loss", "val": "val/loss"}
+    bar_fields = (("loss", "train/loss", ".4g"), ("val", "val/loss", ".4g"))
 
     @staticmethod
     def val_settings(cfg: Any) -> tuple[int, float]:

@@ -238,7 +238,7 @@ class _Trainer:
                 pass
 
     def run(self, resume: str | None) -> list[dict] | None:
-        from megatron_rl.training.progress import step_progress
+        from megatron_rl.progress import step_progress
         from megatron_rl.training.run_dir import RunDir
 
         cfg, task = self.cfg, self.task
