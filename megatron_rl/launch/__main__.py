@@ -104,7 +104,7 @@ def run(argv: list[str]) -> int:
         sys.stdout.write(OmegaConf.to_yaml(cfg))
         return 0
     if algo == "plan":
-        from megatron_rl.launch.plan import main as plan
+        from megatron_rl.planner.report import main as plan
 
         return plan(cfg, plan_for)
     if cfg.cluster.launcher == "slurm":

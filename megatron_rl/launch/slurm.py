@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_rl.errors import UserError
-from megatron_rl.launch.plan import check_layout
+from megatron_rl.planner import check_layout
 
 __all__ = ["build_request", "check_layout", "render", "submit", "training_command"]
 

@@ -9,8 +9,8 @@ import pytest
 from megatron_rl.config.compose import compose
 from megatron_rl.errors import LayoutError, UserError
 from megatron_rl.launch.__main__ import main
-from megatron_rl.launch.plan import plan, resolve_arch
-from megatron_rl.planner import (
+from megatron_rl.planner import plan, resolve_arch
+from megatron_rl.planner.memory import (
     Arch,
     Layout,
     activation_bytes_per_token,
