@@ -50,18 +50,18 @@ def _random_model(rank: int, out: str, dtype: str, shape: dict[str, Any]) -> Non
     """Writes random weights tensor by tensor (no full model in memory) plus a tiny model's side files."""
     import torch
 
-    from checkpoint_converters.convert import DTYPES
     from checkpoint_converters.dist_ckpt import meta_model, param_maps, single_process_world
     from checkpoint_converters.hf_io import StreamingHFWriter
     from checkpoint_converters.mapping import mapping_for
+    from megatron_rl.dtypes import hf_name, precision
     from megatron_rl.models.tiny import save_tiny_checkpoint
 
     tmp = Path(out + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tiny = save_tiny_checkpoint(tmp / "tiny", "llama")
     cfg = json.loads((tiny / "config.json").read_text())
-    cfg.update(shape, dtype={"fp32": "float32", "bf16": "bfloat16"}[dtype], tie_word_embeddings=False)
-    torch_dtype = DTYPES[dtype]
+    cfg.update(shape, dtype=hf_name(dtype), tie_word_embeddings=False)
+    torch_dtype = precision(dtype)
     gen = torch.Generator().manual_seed(0)
     with single_process_world():
         model, _, _ = meta_model(cfg, torch_dtype)

@@ -27,10 +27,8 @@ from checkpoint_converters.hf_io import (
 )
 from checkpoint_converters.mapping import mapping_for
 from checkpoint_converters.transforms import to_megatron_pieces
+from megatron_rl.dtypes import HF_NAMES, precision
 from megatron_rl.errors import UserError
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_HF_DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _refuse_existing(out: Path, overwrite: bool) -> None:
@@ -93,11 +91,9 @@ def hf_to_megatron(
     hf = load_hf_config(hf_dir)
     arch = architecture_of(hf)
     mapping = mapping_for(arch)
-    if dtype not in DTYPES:
-        raise UserError(f"Unknown dtype {dtype!r}; choose among {sorted(DTYPES)}.")
+    torch_dtype = precision(dtype)
     layout = _check_layout(hf, tp, pp, ep)
     ckpt = HFCheckpoint(hf_dir)
-    torch_dtype = DTYPES[dtype]
     out_path = Path(out)
     with single_process_world():
         model, cfg, info = meta_model(hf, torch_dtype)
@@ -167,12 +163,10 @@ def read_megatron_dir(
 
 def _output_dtype(dtype: str | None, meta: dict[str, Any], hf: dict[str, Any]) -> torch.dtype | None:
     if dtype is not None:
-        if dtype not in DTYPES:
-            raise UserError(f"Unknown dtype {dtype!r}; choose among {sorted(DTYPES)}.")
-        return DTYPES[dtype]
+        return precision(dtype)
     # Back to the dtype the HF model had, so HF -> Megatron -> HF is exact.
     name = meta.get("hf_dtype") or hf.get("dtype") or hf.get("torch_dtype")
-    return _HF_DTYPE_NAMES.get(name)
+    return HF_NAMES.get(name)
 
 
 def megatron_to_hf(

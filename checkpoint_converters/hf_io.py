@@ -25,26 +25,11 @@ import numpy as np
 import torch
 
 from checkpoint_converters.transforms import Slice
+from megatron_rl.dtypes import SAFETENSORS, SAFETENSORS_CODES
 from megatron_rl.errors import UserError
 
 # Buffers some exporters write that are not weights.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 SIDE_FILES = (
     "config.json",
@@ -93,7 +78,7 @@ def _read_header(path: Path) -> dict[str, TensorInfo]:
         if name == "__metadata__":
             continue
         try:
-            dtype = DTYPES[meta["dtype"]]
+            dtype = SAFETENSORS[meta["dtype"]]
             shape = tuple(int(s) for s in meta["shape"])
             begin, stop = (int(x) for x in meta["data_offsets"])
         except (KeyError, TypeError, ValueError) as exc:
@@ -282,7 +267,7 @@ class StreamingHFWriter:
         for name, shape, dtype in self.shards[shard]:
             nbytes = _numel(shape) * dtype.itemsize
             entries[name] = {
-                "dtype": DTYPE_NAMES[dtype],
+                "dtype": SAFETENSORS_CODES[dtype],
                 "shape": list(shape),
                 "data_offsets": [offset, offset + nbytes],
             }

@@ -12,8 +12,9 @@ from functools import partial
 from typing import Any
 
 from megatron_rl.dpo.loss import SUM_KEYS, dpo_with_sums, summarize
+from megatron_rl.dtypes import precision
 from megatron_rl.errors import UserError
-from megatron_rl.training.loop import DTYPES, RankContext, launch
+from megatron_rl.training.loop import RankContext, launch
 from megatron_rl.training.sources import setting
 
 
@@ -59,7 +60,7 @@ class DPOTask:
         # Without an SFT term the registered loss reports no sft_nll.
         self.sum_keys = tuple(k for k in SUM_KEYS if d.sft_weight or not k.endswith("sft_nll"))
         self.reference = MegatronPolicy(
-            ctx.hf_config, ctx.parallel, dtype=DTYPES[cfg.model.dtype], train=False
+            ctx.hf_config, ctx.parallel, dtype=precision(cfg.model.dtype), train=False
         )
         self.reference.load_hf(ctx.model_dir)
 

@@ -15,24 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_rl.dtypes import SAFETENSORS, SAFETENSORS_CODES
+
 PADDING = "__padding__"
 ALIGN = 64  # data section start; tensors are ordered so each stays aligned to its element size
 
-DTYPE_NAMES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-}
-DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
 
 Bucket = list[tuple[str, torch.Tensor]]
 
@@ -84,12 +71,12 @@ def plan(bucket: Bucket, capacity: int | None = None) -> Layout:
     entries: dict[str, dict] = {}
     pos = 0
     for name, t in order:
-        if t.dtype not in DTYPE_NAMES:
+        if t.dtype not in SAFETENSORS_CODES:
             raise TypeError(f"refit weight {name!r} has dtype {t.dtype}, which safetensors cannot hold")
         if name in entries or name == PADDING:
             raise ValueError(f"refit weight {name!r} appears twice in one bucket")
         entries[name] = {
-            "dtype": DTYPE_NAMES[t.dtype],
+            "dtype": SAFETENSORS_CODES[t.dtype],
             "shape": list(t.shape),
             "data_offsets": [pos, pos + nbytes(t)],
         }
@@ -136,7 +123,7 @@ def parse_header(head: bytes | bytearray | memoryview) -> list[tuple[str, torch.
         if name in (PADDING, "__metadata__"):
             continue
         start, end = e["data_offsets"]
-        out.append((name, DTYPES[e["dtype"]], e["shape"], 8 + n + start, 8 + n + end))
+        out.append((name, SAFETENSORS[e["dtype"]], e["shape"], 8 + n + start, 8 + n + end))
     return out
 
 

@@ -12,10 +12,9 @@ from typing import Any
 
 import torch
 
+from megatron_rl.dtypes import precision
 from megatron_rl.parallel import ParallelConfig
 from megatron_rl.policy.optim import OptimConfig
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -91,7 +90,7 @@ class PolicyWorker:
         torch.set_num_threads(max(1, threads))
         distributed.initialize(self.spec.parallel, seed=self.spec.seed)
         self.policy = MegatronPolicy(
-            load_hf_config(self.spec.hf_dir), self.spec.parallel, self.spec.optim, DTYPES[self.spec.dtype]
+            load_hf_config(self.spec.hf_dir), self.spec.parallel, self.spec.optim, precision(self.spec.dtype)
         )
         self.policy.load_hf(self.spec.hf_dir)
         if self.spec.keep_reference:

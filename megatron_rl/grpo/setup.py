@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_rl.config.schema import world_size
+from megatron_rl.dtypes import hf_name
 from megatron_rl.generation.base import EngineSettings, RefitSettings
 from megatron_rl.generation.client import EngineClient
 from megatron_rl.grpo.policy_group import PolicyGroup
@@ -66,7 +67,7 @@ def build_engine(cfg: Any, model_dir: str) -> EngineClient:
         max_model_len=g.max_model_len,
         gpu_memory_utilization=g.gpu_memory_utilization,
         enforce_eager=g.enforce_eager,
-        dtype="bfloat16" if cfg.model.dtype == "bf16" else "float32",
+        dtype=hf_name(cfg.model.dtype),
         cpu_kv_cache_gb=g.cpu_kv_cache_gb,
         trust_remote_code=cfg.model.trust_remote_code,
         seed=cfg.run.seed,
@@ -75,4 +76,3 @@ def build_engine(cfg: Any, model_dir: str) -> EngineClient:
     gpus = (0.4 if g.colocated else g.tp) if cfg.cluster.gpus_per_node else 0
     refit = RefitSettings(transport=g.refit_transport, bucket_mb=g.refit_bucket_mb)
     return EngineClient(model_dir, settings, num_cpus=cfg.cluster.cpus_per_rank, num_gpus=gpus, refit=refit)
-

@@ -22,10 +22,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_rl import distributed, platform
+from megatron_rl.dtypes import precision
 from megatron_rl.errors import UserError
 from megatron_rl.training.checkpoints import CheckpointManager, capture_rng, restore_rng
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -119,7 +118,7 @@ class _Trainer:
         tokenizer = _tokenizer(cfg, model_dir)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         hf_config = load_hf_config(model_dir)
-        self.policy = MegatronPolicy(hf_config, parallel, cfg.policy.optim, DTYPES[cfg.model.dtype])
+        self.policy = MegatronPolicy(hf_config, parallel, cfg.policy.optim, precision(cfg.model.dtype))
         self.policy.load_hf(model_dir)
         self.ctx = RankContext(
             rank=rank,
