@@ -22,12 +22,6 @@ from megatron_rl.errors import UserError
 _TIED_OUTPUT = Rule("output_layer.weight", ("model.embed_tokens.weight",), "row")
 
 
-def _unwrap(module: Any) -> Any:
-    while hasattr(module, "module"):
-        module = module.module
-    return module
-
-
 def _context(chunk: Any) -> dict[str, Any]:
     from megatron.core import parallel_state as ps
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
@@ -90,6 +84,8 @@ def check_no_unexpected(ckpt: HFCheckpoint, mapping: ArchMapping, hf_config: dic
 def load_hf_weights(chunks: list[Any], hf_dir: str | Path) -> None:
     """Copies this rank's shard of every parameter from an HF checkpoint. Each rank reads only the bytes of
     its own slices (whole rows for dim-0 splits), one tensor at a time."""
+    from megatron.core.utils import unwrap_model
+
     from megatron_rl.models.hf_config import architecture_of, load_hf_config
 
     hf_config = load_hf_config(hf_dir)
@@ -98,7 +94,7 @@ def load_hf_weights(chunks: list[Any], hf_dir: str | Path) -> None:
     check_no_unexpected(ckpt, mapping, hf_config)
     try:
         for chunk in chunks:
-            model = _unwrap(chunk)
+            model = unwrap_model(chunk)
             ctx = _context(model)
             for name, param in model.named_parameters():
                 rule, hf_names = _resolve(mapping, name, ctx, for_load=True)
@@ -134,10 +130,11 @@ def _read_shard(
 def _entries(chunks: list[Any], mapping: ArchMapping) -> list[dict[str, Any]]:
     """What this rank owns after the TP gather (tp/etp rank 0 of data-parallel replica 0)."""
     from megatron.core import parallel_state as ps
+    from megatron.core.utils import unwrap_model
 
     out = []
     for c, chunk in enumerate(chunks):
-        model = _unwrap(chunk)
+        model = unwrap_model(chunk)
         ctx = _context(model)
         for name, _ in model.named_parameters():
             resolved = _resolve(mapping, name, ctx, for_load=False)
@@ -167,14 +164,16 @@ def export_hf_weights(chunks: list[Any], *, grads: bool = False) -> Iterator[tup
 
     `grads=True` exports gradients (DDP's main_grad, else .grad) in the same HF names and layout.
     """
-    mapping = _mapping_from_model(_unwrap(chunks[0]))
+    from megatron.core.utils import unwrap_model
+
+    mapping = _mapping_from_model(unwrap_model(chunks[0]))
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     mine = _entries(chunks, mapping)
     params = {
         (e["chunk"], e["name"]): p
         for e in mine
-        for p in [dict(_unwrap(chunks[e["chunk"]]).named_parameters())[e["name"]]]
+        for p in [dict(unwrap_model(chunks[e["chunk"]]).named_parameters())[e["name"]]]
     }
     if world > 1:
         every: list[Any] = [None] * world
@@ -215,7 +214,9 @@ def export_hf_weights(chunks: list[Any], *, grads: bool = False) -> Iterator[tup
 
 
 def _export_dtype(chunks: list[Any], grads: bool) -> torch.dtype:
-    p = next(_unwrap(chunks[0]).parameters())
+    from megatron.core.utils import unwrap_model
+
+    p = next(unwrap_model(chunks[0]).parameters())
     return (
         getattr(p, "main_grad", None).dtype
         if grads and getattr(p, "main_grad", None) is not None

@@ -47,9 +47,9 @@ def _materialize_optimizer_state(policy: Any) -> None:
 
 def _chunks(policy: Any) -> list[Any]:
     # DDP wrappers prefix keys with "module."; checkpoints hold the bare model's keys.
-    from megatron_rl.policy.core import _unwrap
+    from megatron.core.utils import unwrap_model
 
-    return [_unwrap(c) for c in policy.model]
+    return [unwrap_model(c) for c in policy.model]
 
 
 def _model_sharded_state_dict(policy: Any) -> dict[str, Any]:

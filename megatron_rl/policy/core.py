@@ -189,11 +189,7 @@ class MegatronPolicy:
         return out
 
     def named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
+        from megatron.core.utils import unwrap_model
+
         for chunk in self.model:
-            yield from _unwrap(chunk).named_parameters()
-
-
-def _unwrap(module: Any) -> Any:
-    while hasattr(module, "module"):
-        module = module.module
-    return module
+            yield from unwrap_model(chunk).named_parameters()
