@@ -28,30 +28,12 @@ class PolicySpec:
     keep_reference: bool = False
 
 
-def collate(seqs: list[dict[str, Any]], pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """Pads sequences into one micro-batch: input_ids [b, s]; per-token fields [b, s-1] (zeros past the end)."""
-    width = max(len(s["ids"]) for s in seqs)
-    out: dict[str, torch.Tensor] = {
-        "input_ids": torch.full((len(seqs), width), pad_id, dtype=torch.long),
-    }
-    for i, s in enumerate(seqs):
-        out["input_ids"][i, : len(s["ids"])] = s["ids"]
-    token_keys = [k for k, v in seqs[0].items() if k != "ids" and torch.is_tensor(v) and v.dim() == 1]
-    for k in token_keys:
-        out[k] = torch.zeros(len(seqs), width - 1, dtype=torch.float32)
-        for i, s in enumerate(seqs):
-            out[k][i, : len(s[k])] = s[k]
-    for k, v in seqs[0].items():
-        if k not in token_keys and k != "ids" and isinstance(v, (int, float)):
-            out[k] = torch.tensor([float(s[k]) for s in seqs])
-    return out
-
-
 def micro_batches(seqs: list[dict[str, Any]], token_budget: int) -> list[dict[str, torch.Tensor]]:
+    from megatron_rl.data.collate import collate_sequences
     from megatron_rl.data.packing import pack_by_token_budget
 
     groups = pack_by_token_budget([len(s["ids"]) for s in seqs], token_budget)
-    return [dict(collate([seqs[i] for i in g]), index=torch.tensor(g)) for g in groups]
+    return [dict(collate_sequences([seqs[i] for i in g]), index=torch.tensor(g)) for g in groups]
 
 
 class PolicyWorker:

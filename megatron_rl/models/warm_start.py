@@ -25,8 +25,8 @@ def _train(rank: int, hf_dir: str, out_dir: str, steps: int, arithmetic: dict[st
     from checkpoint_converters import export_hf_weights, load_hf_weights
     from checkpoint_converters.hf_io import write_hf_checkpoint
     from megatron_rl.data.arithmetic import ArithmeticConfig, ArithmeticProblems
+    from megatron_rl.data.collate import collate_sequences
     from megatron_rl.data.prompts import PromptDataset
-    from megatron_rl.grpo.policy_worker import collate
     from megatron_rl.models.hf_config import load_hf_config
     from megatron_rl.parallel import ParallelConfig
     from megatron_rl.policy.core import MegatronPolicy
@@ -51,7 +51,7 @@ def _train(rank: int, hf_dir: str, out_dir: str, steps: int, arithmetic: dict[st
             mask = torch.zeros(len(ids) - 1)
             mask[len(item["prompt_ids"]) - 1 :] = 1.0
             seqs.append({"ids": torch.tensor(ids), "mask": mask})
-        loss = policy.train_step([collate(seqs)], _nll)["loss"]
+        loss = policy.train_step([collate_sequences(seqs)], _nll)["loss"]
     write_hf_checkpoint(export_hf_weights(policy.model), hf_dir, out_dir, overwrite=True)
     distributed.destroy_model_parallel()
     return loss
