@@ -1,7 +1,10 @@
 """Hydra composition of a recipe plus command-line overrides, validated against the typed schema.
 
 Order of precedence (later wins): schema defaults < config groups chosen by the recipe < the recipe file <
-the cluster profile (launch/clusters/<cluster.profile>.yaml: site facts) < the command line.
+the cluster profile (clusters/<cluster.profile>.yaml: site facts) < the command line.
+
+Recipes and config groups ship in megatron_rl/conf/, cluster profiles in megatron_rl/launch/clusters/; a
+directory named by MEGATRON_RL_CONF_DIR overlays both (see `search_path`).
 """
 
 from __future__ import annotations
@@ -14,31 +17,43 @@ from pathlib import Path
 from typing import Any
 
 from megatron_rl.config.schema import CHOICES, RANGES, ClusterConfig, Config
+from megatron_rl.config.search_path import NOT_GROUPS, dirs_text, find_yaml, search_dirs, yaml_names
 from megatron_rl.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[2]
-CONF_DIR = ROOT / "conf"
-PROFILES_DIR = ROOT / "launch" / "clusters"
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+CONF_DIR = PACKAGE_DIR / "conf"
+PROFILES_DIR = PACKAGE_DIR / "launch" / "clusters"
 # Sections whose sub-keys are free-form (a dict, not a dataclass).
 _FREE_FORM = ("cluster.env.",)
 
 
-def recipes(conf_dir: Path = CONF_DIR) -> list[str]:
-    return sorted(p.stem for p in Path(conf_dir).glob("*.yaml") if not p.stem.startswith("_"))
+def conf_dirs() -> list[Path]:
+    """Where recipes and config groups are looked up, first match wins: MEGATRON_RL_CONF_DIR, the package."""
+    return search_dirs(CONF_DIR)
 
 
-def groups(conf_dir: Path = CONF_DIR) -> dict[str, list[str]]:
-    """Config groups (folders of conf/, e.g. "model", "policy/parallel") and their options."""
-    found = {}
-    for d in sorted(p for p in Path(conf_dir).rglob("*") if p.is_dir()):
-        options = sorted(f.stem for f in d.glob("*.yaml"))
-        if options:
-            found[d.relative_to(conf_dir).as_posix()] = options
-    return found
+def recipes() -> list[str]:
+    return yaml_names(conf_dirs())
+
+
+def groups() -> dict[str, list[str]]:
+    """Config groups (folders of the recipe directories, e.g. "model", "policy/parallel"), their options."""
+    found: dict[str, set[str]] = {}
+    for conf_dir in conf_dirs():
+        for d in (p for p in conf_dir.rglob("*") if p.is_dir()):
+            name = d.relative_to(conf_dir).as_posix()
+            options = {f.stem for f in d.glob("*.yaml")}
+            if options and name.split("/")[0] not in NOT_GROUPS:
+                found.setdefault(name, set()).update(options)
+    return {name: sorted(found[name]) for name in sorted(found)}
+
+
+def profile_dirs() -> list[Path]:
+    return search_dirs(PROFILES_DIR, "clusters")
 
 
 def profiles() -> list[str]:
-    return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+    return yaml_names(profile_dirs())
 
 
 def schema_keys(cls: Any = Config, prefix: str = "") -> list[str]:
@@ -64,10 +79,24 @@ def _register_schema() -> None:
     ConfigStore.instance().store(name="schema", node=Config)
 
 
-def check_overrides(overrides: list[str], conf_dir: Path = CONF_DIR) -> list[str]:
+def _primary_config(recipe: str, more_dirs: list[Path]) -> str:
+    """Hydra looks for the primary config only in its main directory (the first of `conf_dirs()`), so a
+    packaged recipe could not be composed with a user directory in front. A primary config in the ConfigStore
+    that only includes the recipe lets Hydra find the recipe, and every group option, along the whole search
+    path (the user directory first, the package second)."""
+    from hydra.core.config_store import ConfigStore
+
+    node: dict[str, Any] = {"defaults": [recipe, "_self_"]}
+    if more_dirs:
+        node["hydra"] = {"searchpath": [f"file://{d}" for d in more_dirs]}
+    ConfigStore.instance().store(name="_megatron_rl_primary", node=node)
+    return "_megatron_rl_primary"
+
+
+def check_overrides(overrides: list[str]) -> list[str]:
     """Every override names a schema key or a config group option; typos get the closest match. Returns the
     overrides for Hydra, with entries of free-form mappings (cluster.env.X=...) turned into add-or-set."""
-    known, grps = set(schema_keys()), groups(conf_dir)
+    known, grps = set(schema_keys()), groups()
     out = []
     for o in overrides:
         if "=" not in o and not o.startswith("~"):
@@ -132,18 +161,19 @@ def _merge_schema(raw: Any, where: str) -> Any:
 
 
 def apply_profile(cfg: Any, overrides: list[str]) -> None:
-    """Site facts from launch/clusters/<cluster.profile>.yaml replace the recipe's, except the cluster keys
-    given on the command line."""
+    """Site facts from clusters/<cluster.profile>.yaml (MEGATRON_RL_CONF_DIR/clusters/, then the package's
+    launch/clusters/) replace the recipe's, except the cluster keys given on the command line."""
     import yaml
     from omegaconf import OmegaConf
 
     name = cfg.cluster.profile
     if not name:
         return
-    path = PROFILES_DIR / f"{name}.yaml"
-    if not path.is_file():
+    path = find_yaml(profile_dirs(), name)
+    if path is None:
         raise UserError(
-            f"Unknown cluster profile {name!r} (no {path}); available: {', '.join(profiles())}.{_closest(name, profiles())}"
+            f"Unknown cluster profile {name!r} (no {name}.yaml in {dirs_text(profile_dirs())}); available: "
+            f"{', '.join(profiles())}.{_closest(name, profiles())}"
         )
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -191,24 +221,25 @@ def check_values(cfg: Any) -> None:
         raise UserError(f"run.name={cfg.run.name!r} must use only letters, digits, '.', '_' and '-'.")
 
 
-def compose(recipe: str, overrides: list[str] | None = None, conf_dir: Path = CONF_DIR) -> Any:
+def compose(recipe: str, overrides: list[str] | None = None) -> Any:
     """Returns the validated OmegaConf config (attribute access) for `recipe` with `overrides` applied.
-    `conf_dir` is for tests and for projects that keep their own recipes."""
+    Recipes and groups come from MEGATRON_RL_CONF_DIR (if set), then from the package."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    known = recipes(conf_dir)
+    dirs = conf_dirs()
+    known = recipes()
     if recipe not in known:
         raise UserError(f"Unknown recipe {recipe!r}; available: {', '.join(known)}.{_closest(recipe, known)}")
     given = list(overrides or [])
-    overrides = check_overrides(given, conf_dir)
+    overrides = check_overrides(given)
     _register_schema()
     try:
-        with initialize_config_dir(config_dir=str(Path(conf_dir).resolve()), version_base=None):
-            raw = hydra_compose(config_name=recipe, overrides=overrides)
+        with initialize_config_dir(config_dir=str(dirs[0]), version_base=None):
+            raw = hydra_compose(config_name=_primary_config(recipe, dirs[1:]), overrides=overrides)
     except (HydraException, OmegaConfBaseException) as exc:
         raise _composition_error(exc, recipe, given) from None
     OmegaConf.set_struct(raw, False)

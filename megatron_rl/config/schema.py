@@ -151,7 +151,7 @@ class LoggerConfig:
 @dataclass
 class ClusterConfig:
     launcher: str = "local"
-    profile: str | None = None  # a file name (without .yaml) in launch/clusters/
+    profile: str | None = None  # a profile name: clusters/<name>.yaml (docs/clusters.md)
     nodes: int = 1
     gpus_per_node: int = 0  # 0: CPU ranks
     cpus_per_rank: float = 0.5
@@ -174,7 +174,7 @@ class ClusterConfig:
 
 @dataclass
 class Config:
-    recipe: str = "tiny"  # set by compose: the conf/<recipe>.yaml this config came from
+    recipe: str = "tiny"  # set by compose: the recipe file this config came from
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)

@@ -6,7 +6,7 @@
 
 ALGO is grpo (the default), sft, dpo, or plan (the per-GPU memory plan and layout checks of the recipe;
 `plan sft` / `plan dpo` plan a run without the generation engine).
-RECIPE is a file of conf/ (default tiny). Overrides use Hydra syntax: `policy.parallel.tp=8`,
+RECIPE names a recipe (default tiny): a packaged one or your own (see the end). Overrides use Hydra syntax: `policy.parallel.tp=8`,
 `cluster.nodes=16`, a config group option such as `model=llama3_8b` or `algorithm=dapo`, and
 `launcher=local|slurm` (short for cluster.launcher). `+key=value` is checked against the schema like any
 other key. `--cfg` prints the composed config and exits. With cluster.launcher=slurm the run is submitted as
@@ -32,7 +32,8 @@ FLAGS = ("--cfg", "--dry-run", "--help", "-h")
 
 
 def usage() -> str:
-    from megatron_rl.config.compose import groups, profiles, recipes
+    from megatron_rl.config.compose import conf_dirs, groups, profiles, recipes
+    from megatron_rl.config.search_path import ENV_VAR, dirs_text
 
     lines = [
         (__doc__ or "").strip(),
@@ -41,7 +42,10 @@ def usage() -> str:
         f"Recipes: {', '.join(recipes())}",
         "Config groups (override with group=option):",
         *(f"  {g}: {', '.join(opts)}" for g, opts in groups().items()),
-        f"Cluster profiles (cluster.profile=NAME, launch/clusters/): {', '.join(profiles())}",
+        f"Cluster profiles (cluster.profile=NAME): {', '.join(profiles())}",
+        f"Your own recipes and group options go in a directory named by {ENV_VAR}=DIR (profiles in",
+        "DIR/clusters/, suites in DIR/suites/); a file there wins over the packaged one of the same name.",
+        f"Recipes are read from: {dirs_text(conf_dirs())}",
     ]
     return "\n".join(lines) + "\n"
 
@@ -126,10 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["nightly"]:  # its own argparse CLI: suites, reports, baselines
         return importlib.import_module("megatron_rl.nightly.__main__").main(argv[1:])
-    if "--help" in argv or "-h" in argv:
-        sys.stdout.write(usage())
-        return 0
     try:
+        if "--help" in argv or "-h" in argv:
+            sys.stdout.write(usage())
+            return 0
         return run(argv)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -50,7 +50,8 @@ def _require(cfg: Any) -> None:
     if missing:
         raise UserError(
             f"Slurm launch needs {', '.join('cluster.' + k for k in missing)}: set them in a cluster profile "
-            f"(launch/clusters/<name>.yaml, selected with cluster.profile=<name>) or on the command line."
+            f"(clusters/<name>.yaml, selected with cluster.profile=<name>; docs/clusters.md) or on the command "
+            "line."
         )
     if not c.gpus_per_node:
         raise UserError("Slurm launch needs cluster.gpus_per_node > 0 (CPU runs use cluster.launcher=local).")

@@ -2,7 +2,7 @@
 
     python -m megatron_rl.launch nightly --suite NAME [--dry-run] [--only PATTERN] [--baseline DIR]
 
-Pieces: `suite` (YAML suite files in launch/suites/), `assertions` (the metric assertion language),
+Pieces: `suite` (YAML suite files in nightly/suites/), `assertions` (the metric assertion language),
 `local` / `slurm` (how one entry runs), `runner` (launch, poll, time out, evaluate), `report` /
 `html_report` / `plots` (Markdown, JSON, JUnit, HTML), `baseline` (regressions against a stored report).
 """

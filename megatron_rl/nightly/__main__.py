@@ -17,9 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from megatron_rl.errors import UserError
-from megatron_rl.nightly.suite import SUITES_DIR, Entry, Suite, available_suites, load_suite, select
-
-CONF_DIR = SUITES_DIR.parents[1] / "conf"
+from megatron_rl.nightly.suite import Entry, Suite, available_suites, load_suite, select
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--suite",
         required=True,
-        help=f"a suite in launch/suites/ ({', '.join(available_suites())}) or a YAML path",
+        help=f"a suite name ({', '.join(available_suites())}; your own in $MEGATRON_RL_CONF_DIR/suites/) "
+        "or a YAML path",
     )
     p.add_argument(
         "--dry-run",
@@ -54,11 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_entries(entries: list[Entry], launcher: str, suite: Suite) -> None:
-    known = sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
+    from megatron_rl.config.compose import recipes
+
+    known = recipes()
     for e in entries:
         if e.recipe is not None and e.recipe not in known:
             raise UserError(
-                f"suite file {suite.path}, entry {e.name!r}: unknown recipe {e.recipe!r} (conf/ has: {', '.join(known)})."
+                f"suite file {suite.path}, entry {e.name!r}: unknown recipe {e.recipe!r} (known recipes: {', '.join(known)})."
             )
         if e.command is not None and launcher != "local":
             raise UserError(
@@ -157,11 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=False)
     try:
         args = build_parser().parse_args(argv)
+        return run(args, console)
     except SystemExit as exc:  # --help, or argparse's own usage error
         return int(exc.code or 0)
-    try:
-        return run(args, console)
-    except UserError as exc:
+    except UserError as exc:  # also a missing MEGATRON_RL_CONF_DIR, met while listing the suites for --help
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

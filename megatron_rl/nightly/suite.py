@@ -1,4 +1,5 @@
-"""Suite files (launch/suites/NAME.yaml): which recipes run, for how long, on how many nodes, checked how.
+"""Suite files (nightly/suites/NAME.yaml; your own in $MEGATRON_RL_CONF_DIR/suites/): which recipes run, for
+how long, on how many nodes, checked how.
 
 description: what the suite is for
 launcher: slurm                # or local; `--launcher` overrides
@@ -33,10 +34,11 @@ from typing import Any
 
 import yaml
 
+from megatron_rl.config.search_path import dirs_text, find_yaml, search_dirs, yaml_names
 from megatron_rl.errors import UserError
 from megatron_rl.nightly.assertions import Assertion, parse_assertion
 
-SUITES_DIR = Path(__file__).resolve().parents[2] / "launch" / "suites"
+SUITES_DIR = Path(__file__).resolve().parent / "suites"
 # Keys the runner sets itself from an entry's fields; a suite that overrides them would fight it.
 MANAGED = {
     "run.dir": "the runner gives every entry its own run directory",
@@ -101,21 +103,26 @@ class Suite:
         return self.tolerances.get(expression) or self.tolerances.get(metric) or self.tolerance
 
 
+def suite_dirs() -> list[Path]:
+    """Where suites are looked up by name, first match wins: MEGATRON_RL_CONF_DIR/suites/, the package."""
+    return search_dirs(SUITES_DIR, "suites")
+
+
 def available_suites() -> list[str]:
-    return sorted(p.stem for p in SUITES_DIR.glob("*.yaml"))
+    return yaml_names(suite_dirs())
 
 
 def find_suite(name: str) -> Path:
-    """A suite by name (launch/suites/NAME.yaml) or by path to a YAML file."""
+    """A suite by name (suites/NAME.yaml along `suite_dirs()`) or by path to a YAML file."""
     path = Path(name)
     if path.suffix in (".yaml", ".yml") and path.is_file():
         return path.resolve()
-    candidate = SUITES_DIR / f"{name}.yaml"
-    if candidate.is_file():
-        return candidate
+    found = find_yaml(suite_dirs(), name)
+    if found is not None:
+        return found
     raise UserError(
-        f"Unknown suite {name!r}: no {candidate} and no such YAML file; available suites: "
-        f"{', '.join(available_suites()) or 'none'}."
+        f"Unknown suite {name!r}: no {name}.yaml in {dirs_text(suite_dirs())} and no such YAML file; "
+        f"available suites: {', '.join(available_suites()) or 'none'}."
     )
 
 
@@ -186,7 +193,7 @@ def _entry(raw: Any, index: int, defaults: dict[str, Any], path: Path) -> Entry:
     merged = {**defaults, **{k: v for k, v in raw.items() if k not in ("overrides", "assertions")}}
     recipe, command = raw.get("recipe"), raw.get("command")
     if (recipe is None) == (command is None):
-        raise UserError(f"{where}: give exactly one of `recipe` (a conf/ file name) or `command`.")
+        raise UserError(f"{where}: give exactly one of `recipe` (a recipe name) or `command`.")
     if isinstance(command, str):
         command = shlex.split(command)
     if command is not None and (not command or not all(isinstance(c, str) for c in command)):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import yaml
 
@@ -92,15 +90,14 @@ def test_unknown_recipe_lists_every_recipe(capsys):
     assert all(name in err for name in PRIMARY)
 
 
-def test_keys_inside_recipe_files_are_checked_too(tmp_path):
-    conf = tmp_path / "conf"
-    shutil.copytree(CONF_DIR, conf)
-    (conf / "typo.yaml").write_text("defaults: [schema, _self_]\ngrpo: {clip_hihg: 0.3}\n")
+def test_keys_inside_recipe_files_are_checked_too(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEGATRON_RL_CONF_DIR", str(tmp_path))
+    (tmp_path / "typo.yaml").write_text("defaults: [schema, _self_]\ngrpo: {clip_hihg: 0.3}\n")
     with pytest.raises(UserError, match="grpo.clip_hihg.*Did you mean 'grpo.clip_high'"):
-        compose("typo", conf_dir=conf)
-    (conf / "badtype.yaml").write_text("defaults: [schema, _self_]\nrun: {steps: lots}\n")
+        compose("typo")
+    (tmp_path / "badtype.yaml").write_text("defaults: [schema, _self_]\nrun: {steps: lots}\n")
     with pytest.raises(UserError, match="run.steps"):
-        compose("badtype", conf_dir=conf)
+        compose("badtype")
 
 
 def test_help_lists_algorithms_recipes_and_groups(capsys):
@@ -148,9 +145,9 @@ def test_run_directory_gets_the_resolved_config(tmp_path, monkeypatch):
 
 
 def test_cluster_profile_keys_are_checked(tmp_path, monkeypatch):
-    import megatron_rl.config.compose as compose_module
-
-    monkeypatch.setattr(compose_module, "PROFILES_DIR", tmp_path)
+    monkeypatch.setenv("MEGATRON_RL_CONF_DIR", str(tmp_path))
+    tmp_path = tmp_path / "clusters"
+    tmp_path.mkdir()
     (tmp_path / "site.yaml").write_text("acount: x\n")
     with pytest.raises(
         UserError, match=r"Unknown key 'acount' in cluster profile .*site.yaml. Did you mean 'account'"

@@ -82,7 +82,7 @@ def test_expression_is_normalised_and_direction_follows_the_operator():
     ],
 )
 def test_malformed_assertion_names_file_entry_and_text(text, reason):
-    where = "suite file launch/suites/x.yaml, entry 'llama8b'"
+    where = "suite file nightly/suites/x.yaml, entry 'llama8b'"
     with pytest.raises(UserError) as info:
         parse_assertion(text, where)
     msg = str(info.value)

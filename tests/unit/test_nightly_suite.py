@@ -7,10 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from megatron_rl.config.compose import recipes as known_recipes
 from megatron_rl.errors import UserError
 from megatron_rl.nightly.suite import SUITES_DIR, available_suites, find_suite, load_suite, select
-
-CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 def write(tmp_path: Path, data: dict, name: str = "s.yaml") -> Path:
@@ -25,7 +24,7 @@ def minimal(**entry) -> dict:
 
 def test_shipped_suites_load_with_known_recipes():
     assert {"cpu_smoke", "nightly", "release", "perf"} <= set(available_suites())
-    recipes = {p.stem for p in CONF.glob("*.yaml")}
+    recipes = set(known_recipes())
     for name in available_suites():
         suite = load_suite(name)
         assert suite.path == SUITES_DIR / f"{name}.yaml"
