@@ -42,7 +42,6 @@ class EngineSettings:
     cpu_kv_cache_gb: float = 1.0
     trust_remote_code: bool = False
     seed: int = 0
-    sleep_mode: bool = False  # GPU colocation: finish() sleeps the engine while the policy trains
 
 
 @dataclass
@@ -87,12 +86,6 @@ class GenerationEngine(ABC):
         """Loads HF-named weights streamed as (name, tensor) pairs; later samples record `version`, which must
         be newer than the current one. The prefix cache is reset (skipping that exists only to show why it
         matters). Returns figures (seconds, bytes)."""
-
-    def prepare(self) -> None:  # noqa: B027 - optional hook, no-op by default
-        """Before generation (GPU colocation: wake up, re-allocate the KV cache)."""
-
-    def finish(self) -> None:  # noqa: B027 - optional hook, no-op by default
-        """After generation (GPU colocation: release memory for training)."""
 
     def shutdown(self) -> None:  # noqa: B027 - optional hook, no-op by default
         """Releases the engine."""

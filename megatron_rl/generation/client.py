@@ -1,7 +1,7 @@
 """The trainer's handle on a vLLM engine living in a Ray actor of its own (one actor per engine).
 
 Every call waits with a deadline and turns a dead actor or a failure inside it into an error that names the
-phase and the cause (grpo.ray_utils.gather), so a crashed engine never hangs the trainer. The handle pickles:
+phase and the cause (ray_utils.gather), so a crashed engine never hangs the trainer. The handle pickles:
 a policy rank can receive it and stream its exported weights straight into the engine.
 """
 
@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from megatron_rl import platform
 from megatron_rl.generation import transports
 from megatron_rl.generation.base import (
     EngineSettings,
@@ -28,7 +29,7 @@ from megatron_rl.generation.base import (
     SamplingSettings,
 )
 from megatron_rl.generation.vllm_engine import VLLMEngine, check_model_dir
-from megatron_rl.grpo.ray_utils import gather, remote_class
+from megatron_rl.ray_utils import gather, remote_class
 
 # glibc returns large freed blocks to the OS and faults fresh pages in on the next allocation. A CPU refit
 # re-materialises every layer each time, so that churn cost ~35% of a 1.1B bf16 refit (0.87 s instead of
@@ -101,8 +102,8 @@ class EngineClient(GenerationEngine):
 
         if ray.get_runtime_context().get_node_id() != self.info["node_id"]:
             return "broadcast"
-        if torch.cuda.is_available() and self.info.get("device_uuid"):
-            mine = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+        mine = platform.gpu_uuid()
+        if mine and self.info.get("device_uuid"):
             return "cuda_ipc" if mine == self.info["device_uuid"] else "broadcast"
         return "shm"
 
@@ -178,12 +179,6 @@ class EngineClient(GenerationEngine):
 
     def version(self) -> int:
         return self._wait([self._submit("ping")], "ping", 60)[0]
-
-    def prepare(self) -> None:
-        self._wait([self._submit("prepare")], "wake up")
-
-    def finish(self) -> None:
-        self._wait([self._submit("finish")], "sleep")
 
     def shutdown(self) -> None:
         import ray

@@ -21,14 +21,6 @@ def token_mult_prob_error(
     return float((torch.exp(diff) * keep).sum() / keep.sum().clamp(min=1.0))
 
 
-def max_abs_logprob_diff(
-    policy_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, mask: torch.Tensor
-) -> float:
-    """The worst single-token |logp_policy - logp_engine| over generated tokens (0.0 when none)."""
-    diff = _masked_abs_diff(policy_logprobs, engine_logprobs, mask)
-    return float(diff.max()) if diff.numel() else 0.0
-
-
 def _masked_abs_diff(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     # Masked positions may hold anything (prompt, padding, -inf): replace them, never multiply (inf * 0).
     diff = (a.to(torch.float64) - b.to(torch.float64)).abs()

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from megatron_rl import platform
 from megatron_rl.generation import buckets
 from megatron_rl.generation.base import RefitSettings
 
@@ -146,10 +147,10 @@ class CudaIpcSender(Sender):
 
     def __init__(self, client: Any, settings: RefitSettings) -> None:
         super().__init__(client, settings)
-        if not torch.cuda.is_available():
+        uuid = platform.gpu_uuid()
+        if uuid is None:
             raise RuntimeError("the cuda_ipc refit transport needs a CUDA GPU in the sending process")
-        self.device = torch.device("cuda", torch.cuda.current_device())
-        self.uuid = str(torch.cuda.get_device_properties(self.device).uuid)
+        self.device, self.uuid = platform.device(), uuid
         self.slots: dict[int, tuple[str, torch.Tensor, Any]] = {}
 
     def _slot(self, slot: int, needed: int) -> tuple[str, torch.Tensor, Any]:
@@ -197,7 +198,7 @@ class BroadcastSender(Sender):
         import ray
         import torch.distributed as dist
 
-        self.backend = "nccl" if torch.cuda.is_available() and client.on_gpu else "gloo"
+        self.backend = "nccl" if not platform.use_cpu() and client.on_gpu else "gloo"
         host = ray.util.get_node_ip_address()
         port = _free_port(host)
         world = 1 + client.settings.tp
@@ -222,11 +223,7 @@ class BroadcastSender(Sender):
             "header": layout.header,
         }
         ref = self.client._submit(method, "broadcast", desc)
-        device = (
-            torch.device("cuda", torch.cuda.current_device())
-            if self.backend == "nccl"
-            else torch.device("cpu")
-        )
+        device = platform.device() if self.backend == "nccl" else torch.device("cpu")
         # Tensor by tensor, straight from the trainer's memory: no staging copy on this side.
         for _, t, _ in sorted(layout.offsets, key=lambda x: x[2]):
             flat = t.detach().reshape(-1).to(device).contiguous().view(torch.uint8)

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from megatron_rl import platform
 from megatron_rl.errors import UserError
 from megatron_rl.generation import buckets, worker_ops
 from megatron_rl.generation.base import EngineSettings, GenerationEngine, Sample, SamplingSettings
@@ -47,7 +48,6 @@ class VLLMEngine(GenerationEngine):
         self.model_dir, self.settings = model_dir, settings
         self.llm: Any = None
         self.version = 0
-        self.asleep: set[str] = set()  # sleeping memory tags (GPU sleep mode)
         self._refit_open = False
 
     def start(self) -> dict[str, Any]:
@@ -67,9 +67,8 @@ class VLLMEngine(GenerationEngine):
             tensor_parallel_size=s.tp,
             trust_remote_code=s.trust_remote_code,
         )
-        if torch.cuda.is_available():
+        if not platform.use_cpu():
             kwargs["gpu_memory_utilization"] = s.gpu_memory_utilization
-            kwargs["enable_sleep_mode"] = s.sleep_mode
         try:
             self.llm = LLM(**kwargs)
         except ValueError as exc:  # vLLM's config validation (pydantic errors are ValueErrors)
@@ -99,7 +98,6 @@ class VLLMEngine(GenerationEngine):
 
         if self._refit_open:
             raise RuntimeError("generate() during a weight update (begin_refit without end_refit)")
-        self.prepare()
         params = SamplingParams(
             n=sampling.n,
             temperature=sampling.temperature,
@@ -146,7 +144,7 @@ class VLLMEngine(GenerationEngine):
         When vLLM chunks a seeded request's prefill it rewinds that request's generator offset, which only
         CUDA generators have ("CPU Generator does not use offset": 128 prompts x 4 samples failed so). Each
         request is seeded, so the split does not change what is sampled."""
-        if sampling.seed is None or torch.cuda.is_available():
+        if sampling.seed is None or not platform.use_cpu():
             return [prompts]
         sched = self.llm.llm_engine.vllm_config.scheduler_config
         waves: list[list[list[int]]] = [[]]
@@ -171,7 +169,6 @@ class VLLMEngine(GenerationEngine):
             )
         if self._refit_open:
             raise RuntimeError("begin_refit while another weight update is open")
-        self.prepare(tags=["weights"])
         self.llm.collective_rpc(worker_ops.begin_reload)
         self._refit_open = True
 
@@ -228,7 +225,6 @@ class VLLMEngine(GenerationEngine):
         if version <= self.version:
             raise ValueError(f"weight version {version} is not newer than {self.version}")
         start = time.perf_counter()
-        self.prepare(tags=["weights"])
         self.llm.collective_rpc(worker_ops.reload_from_path, args=(path,))
         self.llm.reset_prefix_cache()
         self.version = version
@@ -245,28 +241,7 @@ class VLLMEngine(GenerationEngine):
         self.llm.collective_rpc(fn, args=(keys,))
 
     def device_uuid(self) -> str | None:
-        return (
-            str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
-            if torch.cuda.is_available()
-            else None
-        )
-
-    # Colocation: on GPU the engine sleeps (weights offloaded, KV cache freed) while the policy trains.
-
-    def prepare(self, tags: list[str] | None = None) -> None:
-        """Wakes the given memory tags ("weights", "kv_cache"; all by default) if the engine sleeps."""
-        wake = self.asleep & set(tags or ("weights", "kv_cache"))
-        if wake and self.llm is not None:
-            self.llm.wake_up(tags=sorted(wake))
-            self.asleep -= wake
-
-    def finish(self) -> None:
-        """Releases GPU memory for training (sleep level 1: weights to host memory, KV cache freed). On CPU
-        (no sleep mode) colocation is plain time-sharing and this does nothing."""
-        if self.settings.sleep_mode and torch.cuda.is_available() and not self.asleep:
-            self.llm.reset_prefix_cache()
-            self.llm.sleep(level=1)
-            self.asleep = {"weights", "kv_cache"}
+        return platform.gpu_uuid()
 
     def shutdown(self) -> None:
         if self.llm is not None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from megatron_rl import platform
 from megatron_rl.generation import buckets
 
 _STATE = "_megatron_rl_refit"
@@ -135,8 +136,7 @@ def end_reload(worker: Any) -> dict[str, Any]:
     for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):
         if hasattr(runner, reset):
             getattr(runner, reset)()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    platform.synchronize()
     missing = sorted({n for n, _ in model.named_parameters()} - r["names"])
     return {
         "tensors": r["tensors"],
@@ -248,11 +248,7 @@ def _broadcast(worker: Any, st: dict[str, Any], desc: dict[str, Any]) -> buckets
     if group is None:
         raise RuntimeError("broadcast refit before the engine joined the trainer's group")
     size, slot = desc["size"], desc["slot"]
-    device = (
-        torch.device("cuda", torch.cuda.current_device())
-        if desc["backend"] == "nccl"
-        else torch.device("cpu")
-    )
+    device = platform.device() if desc["backend"] == "nccl" else torch.device("cpu")
     buf = st["recv"].get(slot)
     if buf is None or buf.numel() < size:
         # Kept across refits: a fresh receive buffer each time would pay for page faults / allocations.
@@ -276,16 +272,14 @@ def _cuda_ipc(worker: Any, st: dict[str, Any], desc: dict[str, Any]) -> buckets.
         func, args = desc["handle"]
         args = list(args)
         # args[6] is the device ordinal in the sender's numbering; find the same GPU here by UUID.
-        args[6] = _device_index_by_uuid(desc["device_uuid"])
+        index = platform.gpu_index(desc["device_uuid"])
+        if index is None:
+            raise RuntimeError(
+                f"CUDA IPC refit: the trainer's GPU {desc['device_uuid']} is not visible to the engine worker"
+            )
+        args[6] = index
         buf = st["ipc"][key] = func(*args)
     return buckets.read(buf[: desc["size"]], desc["header"])
-
-
-def _device_index_by_uuid(uuid: str) -> int:
-    for i in range(torch.cuda.device_count()):
-        if str(torch.cuda.get_device_properties(i).uuid) == uuid:
-            return i
-    raise RuntimeError(f"CUDA IPC refit: the trainer's GPU {uuid} is not visible to the engine worker")
 
 
 def forget_ipc(worker: Any, keys: list[str] | None = None) -> None:

