@@ -71,7 +71,6 @@ class PolicyConfig:
 
 @dataclass
 class GenerationConfig:
-    backend: str = "vllm"
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
@@ -193,7 +192,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("fp32", "bf16"),
     "policy.recompute": ("none", "selective", "full"),
     "policy.optim.lr_decay_style": ("constant", "linear", "cosine"),
-    "generation.backend": ("vllm",),
     "generation.refit_transport": ("auto", "shm", "cuda_ipc", "broadcast", "files"),
     "grpo.loss_agg": ("token_mean", "seq_mean"),
     "grpo.kl_estimator": ("k1", "k3"),

@@ -53,9 +53,3 @@ def load_dpo_pairs(
             )
         pairs.append(pair)
     return pairs
-
-
-def interleave_pairs(pairs: list[dict[str, dict[str, torch.Tensor]]]) -> list[dict[str, torch.Tensor]]:
-    """[chosen_0, rejected_0, chosen_1, ...]: the row layout the registered "dpo" loss expects. Pack with
-    keep_together=2 so a pair never straddles two micro-batches."""
-    return [seq for p in pairs for seq in (p["chosen"], p["rejected"])]

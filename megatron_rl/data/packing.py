@@ -88,24 +88,6 @@ def _split_to_count(
     return groups
 
 
-def equalize_micro_batch_count(
-    groups: list[list[int]],
-    lengths: Sequence[int],
-    target: int,
-    *,
-    keep_together: int = 1,
-    pad_multiple: int = 1,
-) -> list[list[int]]:
-    """Splits micro-batches (never a unit) until there are exactly `target`; every split stays within the
-    budget the groups already met. ValueError when there are more groups than `target` or too few units."""
-    if len(groups) > target:
-        raise ValueError(f"{len(groups)} micro-batches already exceed the target {target}")
-    units = _units(lengths, keep_together)
-    unit_of = {units[u][0][0]: u for u in range(len(units))}
-    as_units = [[unit_of[i] for i in g if i in unit_of] for g in groups]
-    return [_flatten(units, g) for g in _split_to_count(units, as_units, target, pad_multiple)]
-
-
 def plan_micro_batches(
     lengths_per_rank: Sequence[Sequence[int]],
     budget: int,

@@ -59,23 +59,3 @@ class ResumableOrder:
                     "the data changed since the checkpoint, so its position no longer names the same items."
                 )
         self.position = int(state["position"])
-
-
-class ResumableDataset:
-    """A list of examples (SFT sequences, DPO pairs...) drawn in batches in a resumable seeded order."""
-
-    def __init__(self, items: list[Any], seed: int = 0, shuffle: bool = True) -> None:
-        self.items = items
-        self.order = ResumableOrder(len(items), seed=seed, shuffle=shuffle)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def take(self, n: int) -> list[Any]:
-        return [self.items[i] for i in self.order.take(n)]
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.order.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.order.load_state_dict(state)

@@ -86,15 +86,7 @@ def parse(argv: list[str]) -> Args:
 
 def _entry(algo: str):
     module, _, fn = ALGORITHMS[algo].partition(":")
-    try:
-        return getattr(importlib.import_module(module), fn)
-    except ModuleNotFoundError as exc:
-        # Only the algorithm's own package missing means "not built yet"; a missing dependency is a bug.
-        if exc.name and module.startswith(exc.name):
-            raise UserError(
-                f"Algorithm {algo!r} is not available yet in this version ({module} does not exist)."
-            ) from None
-        raise
+    return getattr(importlib.import_module(module), fn)
 
 
 def run(argv: list[str]) -> int:

@@ -4,7 +4,6 @@ Slurm entries are submitted through the real launcher to a stand-in sbatch (no S
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -23,16 +22,6 @@ pytestmark = pytest.mark.slow
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
 
 
-def _driver_available() -> bool:
-    try:
-        return importlib.util.find_spec("megatron_rl.grpo.driver") is not None
-    except ImportError:
-        return False
-
-
-@pytest.mark.skipif(
-    not _driver_available(), reason="megatron_rl.grpo.driver (the GRPO loop) is not in this tree yet"
-)
 def test_cpu_smoke_suite_runs_and_reports(tmp_path):
     report = tmp_path / "report"
     proc = subprocess.run(

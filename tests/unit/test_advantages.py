@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from megatron_rl.algorithms.batch_shaping import dynamic_sampling_filter, overlong_filter
 from megatron_rl.algorithms.registry import get_advantage, register_advantage
 from megatron_rl.errors import UserError
 
@@ -68,22 +67,3 @@ def test_custom_estimator_registers():
 
     assert get_advantage("test_only_raw") is raw
 
-
-def test_dynamic_sampling_keeps_groups_with_reward_spread():
-    rewards = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.5, 0.0])
-    kept, stats = dynamic_sampling_filter(rewards, 2)
-    # groups: [1,1] all equal, [0,1] mixed, [0,0] all equal, [0.5,0] mixed
-    assert kept == [1, 3]
-    assert stats["dynamic_sampling/groups_kept"] == 2 and stats["dynamic_sampling/groups_total"] == 4
-    assert stats["dynamic_sampling/kept_fraction"] == 0.5
-    assert dynamic_sampling_filter(rewards, 2, tol=0.6)[0] == [1]  # spread 0.5 is within tol
-
-
-def test_overlong_filter_masks_truncated_rows():
-    mask = torch.tensor([[0.0, 1, 1], [0, 1, 0], [1, 1, 1]])
-    out, stats = overlong_filter(mask, ["stop", "length", "length"])
-    assert out.tolist() == [[0, 1, 1], [0, 0, 0], [0, 0, 0]]
-    assert stats == {"overlong/truncated": 2.0, "overlong/masked_tokens": 4.0}
-    assert mask[2].sum() == 3  # input untouched
-    with pytest.raises(ValueError, match="finish reasons"):
-        overlong_filter(mask, ["stop"])

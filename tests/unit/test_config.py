@@ -122,12 +122,6 @@ def test_no_arguments_mean_grpo_on_tiny():
     assert args == ("plan", "llama8b", ["cluster.launcher=slurm"], set(), "sft")
 
 
-def test_missing_algorithm_module_is_not_available_yet(capsys, monkeypatch, tmp_path):
-    monkeypatch.setitem(ALGORITHMS, "grpo", "megatron_rl.not_built_yet.driver:run")
-    assert main(["grpo", "conf=tiny", f"run.dir={tmp_path}"]) == 2
-    assert "not available yet" in capsys.readouterr().err
-
-
 def test_run_directory_gets_the_resolved_config(tmp_path, monkeypatch):
     import sys
     import types

@@ -11,7 +11,7 @@ from megatron_rl.config.schema import DataConfig
 from megatron_rl.data.arithmetic import ArithmeticConfig, ArithmeticProblems, evaluate
 from megatron_rl.data.jsonl import read_jsonl, read_prompt_answer
 from megatron_rl.data.prompts import PromptDataset, build_prompt_dataset
-from megatron_rl.data.sampler import ResumableDataset, ResumableOrder
+from megatron_rl.data.sampler import ResumableOrder
 from megatron_rl.environments.math_verifier import extract_answer
 from megatron_rl.errors import UserError
 from megatron_rl.models.tiny import build_tokenizer
@@ -124,17 +124,17 @@ def test_resumable_order_epochs_are_seeded_permutations():
 
 
 def test_resume_continues_at_the_exact_item():
-    a = ResumableDataset(list("abcdefg"), seed=1)
+    a = ResumableOrder(7, seed=1)
     a.take(4)
     state = a.state_dict()
     rest = a.take(9)  # crosses into the next epoch
-    b = ResumableDataset(list("abcdefg"), seed=1)
+    b = ResumableOrder(7, seed=1)
     b.load_state_dict(state)
     assert b.take(9) == rest
     with pytest.raises(UserError, match="seed=1 but the dataset now has seed=2"):
-        ResumableDataset(list("abcdefg"), seed=2).load_state_dict(state)
+        ResumableOrder(7, seed=2).load_state_dict(state)
     with pytest.raises(UserError, match="num_items"):
-        ResumableDataset(list("abcdef"), seed=1).load_state_dict(state)
+        ResumableOrder(6, seed=1).load_state_dict(state)
 
 
 def test_prompt_dataset_renders_with_chat_template_and_resumes(tok):

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from megatron_rl.data.chat import tokenize_conversation
-from megatron_rl.data.dpo import interleave_pairs, load_dpo_pairs
+from megatron_rl.data.dpo import load_dpo_pairs
 from megatron_rl.data.sft import load_sft_sequences
 from megatron_rl.errors import UserError
 from megatron_rl.models.tiny import build_tokenizer
@@ -112,10 +112,6 @@ def test_dpo_pairs(tmp_path, tok):
     assert trained_text(tok, pairs[0]["rejected"]) == "8<|im_end|>"
     # earlier assistant turns of the context are not trained: only the compared reply
     assert trained_text(tok, pairs[1]["rejected"]) == "11<|im_end|>"
-    flat = interleave_pairs(pairs)
-    assert [s is p for s, p in zip(flat, [pairs[0]["chosen"], pairs[0]["rejected"], pairs[1]["chosen"]])] == [
-        True
-    ] * 3
 
 
 @pytest.mark.parametrize(

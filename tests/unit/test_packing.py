@@ -7,7 +7,6 @@ import torch
 
 from megatron_rl.data.collate import collate_sequences
 from megatron_rl.data.packing import (
-    equalize_micro_batch_count,
     pack_by_token_budget,
     plan_micro_batches,
     shard_for_data_parallel,
@@ -49,16 +48,6 @@ def test_keep_together_never_splits_a_pair():
     assert pack_by_token_budget(lengths, 24, keep_together=2) == [[2, 3], [0, 1, 4, 5]]
     with pytest.raises(ValueError, match="keep_together=2"):
         pack_by_token_budget([1, 2, 3], 10, keep_together=2)
-
-
-def test_equalize_splits_the_biggest_micro_batch():
-    lengths = [4, 4, 4, 4, 2]
-    groups = pack_by_token_budget(lengths, 16)
-    assert groups == [[0, 1, 2, 3], [4]]
-    # target 3: split [0,1,2,3] (cost 16) into halves [0,1] and [2,3]
-    assert equalize_micro_batch_count(groups, lengths, 3) == [[0, 1], [2, 3], [4]]
-    with pytest.raises(ValueError, match="cannot make 6 micro-batches from 5"):
-        equalize_micro_batch_count(groups, lengths, 6)
 
 
 def test_plan_gives_every_rank_the_same_count():
