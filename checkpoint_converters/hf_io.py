@@ -162,7 +162,7 @@ class HFCheckpoint:
         """The whole tensor as a zero-copy view of the file (a private mapping of just its pages, unmapped
         when the tensor is freed), with the kernel asked to read it ahead. Writing such a tensor to another
         file copies page cache to page cache once; reading it into fresh memory first (`get`) costs a
-        second copy plus faulting in new anonymous pages, which on these VMs made converting 3x slower."""
+        second copy plus faulting in new anonymous pages, the slow part of converting (docs/conversion.md)."""
         info = self.info(name)
         size = info.end - info.start
         if size == 0 or info.start % info.dtype.itemsize:

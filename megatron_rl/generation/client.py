@@ -32,8 +32,8 @@ from megatron_rl.generation.vllm_engine import VLLMEngine, check_model_dir
 from megatron_rl.ray_utils import gather, remote_class
 
 # glibc returns large freed blocks to the OS and faults fresh pages in on the next allocation. A CPU refit
-# re-materialises every layer each time, so that churn cost ~35% of a 1.1B bf16 refit (0.87 s instead of
-# 1.34 s of CPU, measured in-process); keeping the blocks in the heap lets every refit reuse warm pages.
+# re-materialises every layer each time, so that churn is a large share of a refit's CPU time (figures in
+# docs/generation.md); keeping the blocks in the heap lets every refit reuse warm pages.
 CPU_ENGINE_ENV = {"MALLOC_MMAP_THRESHOLD_": str(4 << 30), "MALLOC_TRIM_THRESHOLD_": str(64 << 30)}
 
 

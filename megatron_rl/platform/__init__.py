@@ -5,9 +5,9 @@ Megatron Core assumes CUDA in a handful of places (device="cuda" factories, CUDA
 says why; `cpu_kernels` stands in for the Transformer Engine / apex kernels whose absence makes Megatron fall
 back to slow paths. With CUDA present it does nothing: GPU clusters run stock Megatron (NCCL + Transformer
 Engine).
-Nothing else in the code base may test for the platform except through this module's queries (`use_cpu()`,
-`backend()`, `device()`, `gpu_uuid()`, ...); tests/unit/test_platform.py enforces it. Importing this package is
-cheap (torch only, no Megatron): vLLM actor processes use the queries too.
+Nothing else in the code base may test for the platform except through this module's queries
+(`use_cpu()`, `backend()`, `device()`, `gpu_uuid()`, ...); tests/unit/test_platform.py enforces it.
+Importing this package is cheap (torch only, no Megatron): vLLM actor processes use the queries too.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """CPU stand-ins for the kernels Transformer Engine and apex give Megatron Core on GPU.
 
 Each replaces a slow fallback Megatron takes when neither is installed, computes the same numbers (RoPE to
-rounding: one fused multiply-add), and says what it saved on the 2-core machine (SmolLM2-135M, batch
-4 x 256, `python -m megatron_rl.bench train`).
+rounding: one fused multiply-add), and says which cost it removes; what each saved is in docs/policy.md
+(`python -m megatron_rl.bench train`).
 `install()` applies them; `megatron_rl.platform.apply()` calls it on CPU only.
 """
 
@@ -28,10 +28,10 @@ def install() -> None:
 def keep_freed_memory() -> None:
     # torch's CPU tensors come straight from glibc malloc, which serves requests over its mmap threshold
     # (at most 32 MiB: logits, the embedding and its gradient) with fresh mappings and trims freed heap back
-    # to the OS, so every training step first-touches gigabytes of new pages: 120k-400k page faults and 1-4 s
-    # of kernel time per SmolLM2 step here. Serving everything from a heap that is never trimmed keeps the
-    # memory mapped from one step to the next: the step went from 7.4-8.0 s to 5.8 s, and RSS stays near the
-    # step's peak (+1-2 GiB, flat over steps of varying length), as with a GPU caching allocator.
+    # to the OS, so every training step first-touches gigabytes of new pages, and the page faults and kernel
+    # time were a large part of a step. Serving everything from a heap that is never trimmed keeps the memory
+    # mapped from one step to the next, and RSS stays near the step's peak (flat over steps of varying
+    # length), as with a GPU caching allocator.
     # Left alone where the user set glibc's own MALLOC_* or GLIBC_TUNABLES, or libc is not glibc.
     import ctypes
     import os
@@ -94,8 +94,8 @@ class _CpuWgradAccumulation:
 def _provide_wgrad_accumulation_kernel() -> None:
     # With gradient_accumulation_fusion, a linear layer's backward computes its weight gradient straight
     # into the DDP main_grad buffer. Without it, every weight gets a freshly allocated gradient that a hook
-    # then adds to the buffer: one more weight-sized write and read per layer, into new memory each step
-    # (~0.2 s of a 4.9 s SmolLM2 step here). The fusion needs apex's CUDA kernel; on CPU it is one addmm.
+    # then adds to the buffer: one more weight-sized write and read per layer, into new memory each step.
+    # The fusion needs apex's CUDA kernel; on CPU it is one addmm.
     from megatron.core.tensor_parallel import layers
 
     layers.fused_weight_gradient_mlp_cuda = _CpuWgradAccumulation
@@ -111,8 +111,8 @@ def _dummy_wgrad(shape: list[int], dtype: torch.dtype, zero: bool = False) -> to
 def _provide_dummy_wgrad() -> None:
     # With the fusion on, a linear layer still returns a placeholder weight gradient. For a tied
     # embedding/output weight it must be zeros (it is summed with the embedding's real gradient), and without
-    # TE Megatron allocates and fills a fresh [vocab, hidden] zero tensor for it every step (0.2 s of a
-    # SmolLM2 step on fresh pages). TE's get_dummy_wgrad shares one buffer; `_dummy_wgrad` is that helper
+    # TE Megatron allocates and fills a fresh [vocab, hidden] zero tensor for it every step, on fresh pages.
+    # TE's get_dummy_wgrad shares one buffer; `_dummy_wgrad` is that helper
     # for CPU, and layers.py calls it only when its HAVE_TE flag is set. The flag's other uses there are
     # assertions for CPU activation offloading, which this project never turns on.
     from megatron.core.tensor_parallel import layers
@@ -134,8 +134,8 @@ class _FusedAdamTorch:
 
 def _use_fused_cpu_adam() -> None:
     # Without Transformer Engine or Apex, Megatron builds torch.optim.AdamW with its defaults, which on
-    # CPU is the per-parameter Python loop (~8% of a SmolLM2 train step). torch's fused CPU kernel does the
-    # same update in one pass per tensor.
+    # CPU is the per-parameter Python loop (a visible share of a train step). torch's fused CPU kernel does
+    # the same update in one pass per tensor.
     from megatron.core import optimizer as mcore_optimizer
 
     if getattr(mcore_optimizer, "USING_PYTORCH_OPTIMIZER", False) and mcore_optimizer.torch is torch:
@@ -160,7 +160,7 @@ def _eager_swiglu_fusion() -> None:
     # backward concatenates the halves' gradients into another fresh [tokens, 2 * ffn] tensor. Its fused path
     # (bias_activation_fusion) saves only the input and returns one gradient buffer, but its kernels are
     # torch.compile'd, which on CPU compiles C++ per shape. These eager kernels make that path usable here:
-    # ~3.5 ms less per SmolLM2 layer, and half the memory the activation keeps for its backward.
+    # two fewer activation-sized copies per layer, and half the memory the activation keeps for its backward.
     from megatron.core.fusions import fused_bias_swiglu as fbs
 
     names = (
@@ -210,8 +210,8 @@ class _RotaryHalf(torch.autograd.Function):
 
 def _rotary_without_copies() -> None:
     # Megatron's unfused RoPE builds rotate_half(t) by negating and concatenating halves, then concatenates
-    # the result with an empty pass-through slice; the backward of the chunk concatenates once more. Those
-    # copies were ~1 ms per q/k tensor per SmolLM2 layer; TE's fused RoPE does none of them on GPU. Partial,
+    # the result with an empty pass-through slice; the backward of the chunk concatenates once more. These
+    # kernels make none of those copies, like TE's fused RoPE on GPU. Partial,
     # interleaved and MLA rotary keep Megatron's code.
     from megatron.core.models.common.embeddings import rope_utils
 

@@ -90,8 +90,8 @@ class MegatronPolicy:
         # Position t scores token t+1 (the last position a dummy target, dropped below). Given labels,
         # GPTModel scores its [s, b, V/tp] logits with Megatron's vocab-parallel cross entropy and returns
         # [b, s]: the vocabulary is never gathered, and never transposed to [b, s, V] (asked for logits it
-        # copies them to that layout, and the backward copies the gradient back: ~0.6 s of a 5.3 s SmolLM2
-        # step on CPU, more than the softmax itself).
+        # copies them to that layout, and the backward copies the gradient back: on CPU that cost more than
+        # the softmax itself, docs/policy.md).
         labels = torch.nn.functional.pad(padded[:, 1:], (0, 1))
         mask = platform.attention_mask(padded.shape[1], padded.device)
         output = model(padded, positions, mask, labels=labels)

@@ -57,8 +57,9 @@ def test_smollm2_converts_validates_and_round_trips_exactly(smollm2, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ bad input
-# Every case runs the CLI's main() in one spawned process (a fresh interpreter per case would cost ~5 s
-# each); a case passes when it exits 2 with a message naming the thing and leaves no output behind.
+# Every case runs the CLI's main() in one spawned process (a fresh interpreter per case would pay torch's
+# and Megatron's imports each time); a case passes when it exits 2 with a message naming the thing and
+# leaves no output behind.
 
 
 def _edit_tensors(model: Path, edit) -> None:

@@ -70,10 +70,10 @@ def test_cli_stops_on_another_megatron_core_with_one_line(tmp_path):
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: megatron-core\nVersion: 9.9.9\n")
     work = tmp_path / "work"
     work.mkdir()
+    path = os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])])
     proc = subprocess.run(
         [sys.executable, "-m", "megatron_rl.launch", "grpo", "conf=tiny", "run.steps=1", "run.dir=run"],
-        capture_output=True, text=True, timeout=120, cwd=work,
-        env={**ENV, "PYTHONPATH": os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])])},
+        capture_output=True, text=True, timeout=120, cwd=work, env={**ENV, "PYTHONPATH": path},
     )  # fmt: skip
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stderr[-2000:]
