@@ -1,0 +1,147 @@
+"""cluster.launcher=local: the run as a NeMo-Run experiment on this machine, followed from this console.
+
+The task is this CLI with `--in-process`; its output goes to NeMo-Run's task log. This process shows the
+step bar from the run's metrics.jsonl as rows appear, then the final figures and where the logs are. A
+failed task: the end of its log and its exit status. Ctrl-C (or SIGTERM) cancels the experiment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from megatron_rl.launch.executors import build_executor, cli_command, describe, task_overrides
+from megatron_rl.launch.experiment import TaskExperiment
+
+# The bar each command's driver shows, (title, fields); see megatron_rl/progress.py.
+BARS: dict[str, tuple[str, list[tuple[str, str, str]]]] = {
+    "grpo": ("GRPO", [("reward", "reward/mean", ".3f")]),
+    "sft": ("SFT", [("loss", "train/loss", ".4g")]),
+    "dpo": ("DPO", [("loss", "train/loss", ".4g")]),
+}
+POLL_S = 0.5
+
+
+def experiment_title(algo: str, cfg: Any) -> str:
+    """`nemo experiment list TITLE` lists every run of this command and run name."""
+    return f"{algo}-{cfg.run.name}"
+
+
+def nemorun_home() -> str:
+    from nemo_run.config import get_nemorun_home
+
+    return get_nemorun_home()
+
+
+def dry_run(cfg: Any, algo: str, overrides: list[str]) -> int:
+    command = cli_command(algo, cfg.recipe, task_overrides(overrides, cfg.run.dir))
+    sys.stdout.write(
+        "#!/bin/bash\n"
+        f"# cluster.launcher=local: NeMo-Run experiment {experiment_title(algo, cfg)!r} on its LocalExecutor;\n"
+        "# its one task runs:\n" + describe(command) + "\n"
+    )
+    print(f"[dry-run] {algo} conf={cfg.recipe}: nothing run", file=sys.stderr)
+    return 0
+
+
+class MetricsFollower:
+    """New complete rows of metrics.jsonl since the last call. The run may rewrite the file when it starts
+    (a fresh run deletes it, a resumed one trims rows past its checkpoint): then it is read again."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.offset, self.inode = path, 0, None
+        self.rows: list[dict] = []
+
+    def new_rows(self) -> list[dict]:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return []
+        if st.st_ino != self.inode or st.st_size < self.offset:
+            self.inode, self.offset = st.st_ino, 0
+        with self.path.open("rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        complete = data[: data.rfind(b"\n") + 1]
+        self.offset += len(complete)
+        rows = []
+        for line in complete.decode(errors="replace").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+        self.rows += rows
+        return rows
+
+
+def _summary(rows: list[dict], fields: list[tuple[str, str, str]]) -> str:
+    parts = []
+    for _, key, spec in fields:
+        values = [r[key] for r in rows if isinstance(r.get(key), int | float)]
+        if values:
+            parts.append(f"{key} {values[0]:{spec}} -> {values[-1]:{spec}}" if len(values) > 1 else
+                         f"{key} {values[-1]:{spec}}")  # fmt: skip
+    evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
+    if evals:
+        last = evals[-1]
+        parts += [f"{k} {last[k]:.3f}" for k in sorted(last) if k.startswith("eval/accuracy")]
+    return ", ".join(parts)
+
+
+def _error_excerpt(text: str, max_lines: int = 60) -> str:
+    """From the last traceback (or the last `error:` line) to the end: the error in full, not the run."""
+    lines = text.splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith(("Traceback (most recent call last)", "error: ")):
+            return "\n".join(lines[i:][-max_lines * 3 :])
+    return "\n".join(lines[-max_lines:])
+
+
+def run(cfg: Any, algo: str, overrides: list[str]) -> int:
+    """Launches and follows the run; returns the exit status the CLI exits with."""
+    from megatron_rl.nightly.metrics import log_tail
+    from megatron_rl.progress import step_progress
+
+    run_dir = Path(cfg.run.dir).absolute()
+    command = cli_command(algo, cfg.recipe, task_overrides(overrides, run_dir))
+    task = TaskExperiment(experiment_title(algo, cfg), command, build_executor(cfg))
+    title, fields = BARS[algo]
+    follower = MetricsFollower(run_dir / "metrics.jsonl")
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cancels like Ctrl-C
+    started = time.monotonic()
+    task.start()
+    print(f"{algo} conf={cfg.recipe}: NeMo-Run experiment {task.id} (local), run dir {run_dir}", flush=True)
+    rc: int | None = None
+    try:
+        with step_progress(title, cfg.run.steps, 0, fields) as bar:
+            while rc is None:
+                rc = task.poll()
+                for row in follower.new_rows():
+                    bar.update(int(row.get("step", 0)), row)
+                if rc is None:
+                    time.sleep(POLL_S)
+    except KeyboardInterrupt:
+        print("interrupted: cancelling the experiment", file=sys.stderr, flush=True)
+        task.cancel()
+        rc = 130
+    finally:
+        task.finish()
+        signal.signal(signal.SIGTERM, previous)
+    wall = time.monotonic() - started
+    home = os.path.join(nemorun_home(), "experiments")
+    if rc == 0:
+        steps = max((int(r.get("step", 0)) for r in follower.rows), default=0)
+        figures = _summary(follower.rows, fields)
+        print(f"done: {steps}/{cfg.run.steps} steps in {wall:.0f} s" + (f"; {figures}" if figures else ""))
+    elif rc != 130:
+        rc = rc if rc > 0 else 1
+        excerpt = _error_excerpt(log_tail(task.log_path, 400))
+        print(f"{excerpt}\nerror: the run failed (exit status {rc}); above, the end of its log", file=sys.stderr)
+    print(f"task log: {task.log_path}\n  (`nemo experiment logs {task.id}`; experiments kept in {home})")
+    print(f"run dir:  {run_dir} (config.yaml, metrics.jsonl, checkpoints)")
+    return rc
