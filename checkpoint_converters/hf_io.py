@@ -128,10 +128,6 @@ class HFCheckpoint:
                 if n not in self.tensors or self.tensors[n].file.name != f:
                     raise UserError(f"{index} maps tensor {n!r} to {f}, but that file does not contain it.")
 
-    @property
-    def location(self) -> dict[str, str]:
-        return {n: i.file.name for n, i in self.tensors.items()}
-
     def names(self) -> list[str]:
         return [n for n in self.tensors if not n.endswith(IGNORED_SUFFIXES)]
 

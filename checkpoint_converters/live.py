@@ -19,7 +19,7 @@ from checkpoint_converters.transforms import assemble, hf_slices, to_hf
 from megatron_rl import platform
 from megatron_rl.errors import UserError
 
-_TIED_OUTPUT = Rule("output_layer.weight", ("model.embed_tokens.weight",), "row")
+_TIED_OUTPUT = Rule("output_layer.weight", ("model.embed_tokens.weight",), "column")
 
 
 def _context(chunk: Any) -> dict[str, Any]:

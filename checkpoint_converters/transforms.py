@@ -1,9 +1,11 @@
 """The shared tensor transforms between HF and Megatron layouts, each with its inverse. Written once, used by
 every architecture table, by offline conversion (TP=1 layout) and by live load/export (any TP size).
 
-Kinds of mapping:
+Kinds of mapping, named as Megatron names its tensor-parallel layers:
 - "replicated": same tensor on every rank (norms, router).
-- "row": split along dim 0 over TP (embedding, lm head); "column": split along dim 1 (o_proj, down_proj).
+- "column": column parallel, Megatron's ColumnParallelLinear and VocabParallelEmbedding: the output dim is
+  split, weight dim 0 (the embedding, the output layer; qkv and fc1 too, in their own kinds below).
+- "row": row parallel, Megatron's RowParallelLinear: the input dim is split, weight dim 1 (o_proj, down_proj).
 - "qkv": HF q/k/v -> Megatron's fused tensor grouped per KV head [q heads of group g; k_g; v_g]; TP splits
   whole groups, so each rank's shard is the fused tensor of its own groups.
 - "gate_up": HF gate/up -> Megatron fc1; each TP rank holds [gate shard r; up shard r].
@@ -18,7 +20,9 @@ from collections.abc import Sequence
 
 import torch
 
-KINDS = ("replicated", "row", "column", "qkv", "gate_up")
+# The weight dim each kind splits over TP: Megatron's `partition_dim` of the parameter.
+SPLIT_DIM: dict[str, int | None] = {"replicated": None, "column": 0, "row": 1, "qkv": 0, "gate_up": 0}
+KINDS = tuple(SPLIT_DIM)
 
 # (dim, start, stop) of an HF tensor, or None for the whole tensor.
 Slice = tuple[int, int, int] | None
@@ -59,9 +63,9 @@ def hf_slices(kind: str, shapes: Sequence[Sequence[int]], rank: int, size: int) 
     group by group in HF q/k/v, so whole groups are contiguous row ranges."""
     if size == 1 or kind == "replicated":
         return [None] * len(shapes)
-    if kind == "column":
+    if kind == "row":
         return [(1, *_part(shapes[0][1], rank, size))]
-    if kind in ("row", "qkv", "gate_up"):
+    if kind in ("column", "qkv", "gate_up"):
         return [(0, *_part(s[0], rank, size)) for s in shapes]
     raise ValueError(f"unknown mapping kind {kind!r}")
 
@@ -74,7 +78,7 @@ def assemble(
     kind: str, parts: list[torch.Tensor], heads: int = 0, groups: int = 0, size: int = 1
 ) -> torch.Tensor:
     """A TP rank's Megatron shard from its HF parts (see hf_slices); heads/groups are the global counts."""
-    if kind in ("replicated", "row", "column"):
+    if kind in ("replicated", "column", "row"):
         return parts[0]
     if kind == "qkv":
         return fuse_qkv(*parts, heads // size, groups // size)
@@ -104,12 +108,10 @@ def to_megatron_pieces(
 
 def to_hf(kind: str, shards: list[torch.Tensor], heads: int = 0, groups: int = 0) -> list[torch.Tensor]:
     """HF tensor(s) from all TP shards of one Megatron parameter (in TP rank order)."""
-    if kind == "replicated" or (kind in ("row", "column") and len(shards) == 1):
+    if kind == "replicated" or (kind in ("column", "row") and len(shards) == 1):
         return [shards[0]]
-    if kind == "row":
-        return [torch.cat(shards, dim=0)]
-    if kind == "column":
-        return [torch.cat(shards, dim=1)]
+    if kind in ("column", "row"):
+        return [torch.cat(shards, dim=SPLIT_DIM[kind])]
     if kind == "qkv":
         per_rank = [split_qkv(s, heads // len(shards), groups // len(shards)) for s in shards]
         return (

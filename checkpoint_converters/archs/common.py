@@ -6,9 +6,9 @@ P = "model.layers.{L}."
 M = "decoder.layers.{L}."
 
 EMBEDDINGS = (
-    Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "row"),
+    Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "column"),
     Rule("decoder.final_layernorm.weight", ("model.norm.weight",)),
-    Rule("output_layer.weight", ("lm_head.weight",), "row"),
+    Rule("output_layer.weight", ("lm_head.weight",), "column"),
 )
 ATTENTION = (
     Rule(M + "input_layernorm.weight", (P + "input_layernorm.weight",)),
@@ -17,7 +17,7 @@ ATTENTION = (
         (P + "self_attn.q_proj.weight", P + "self_attn.k_proj.weight", P + "self_attn.v_proj.weight"),
         "qkv",
     ),
-    Rule(M + "self_attention.linear_proj.weight", (P + "self_attn.o_proj.weight",), "column"),
+    Rule(M + "self_attention.linear_proj.weight", (P + "self_attn.o_proj.weight",), "row"),
     Rule(M + "pre_mlp_layernorm.weight", (P + "post_attention_layernorm.weight",)),
 )
 QKV_BIAS = (
@@ -33,5 +33,5 @@ QK_NORM = (
 )
 DENSE_MLP = (
     Rule(M + "mlp.linear_fc1.weight", (P + "mlp.gate_proj.weight", P + "mlp.up_proj.weight"), "gate_up"),
-    Rule(M + "mlp.linear_fc2.weight", (P + "mlp.down_proj.weight",), "column"),
+    Rule(M + "mlp.linear_fc2.weight", (P + "mlp.down_proj.weight",), "row"),
 )

@@ -18,6 +18,6 @@ def mixtral() -> ArchMapping:
                 (X + "w1.weight", X + "w3.weight"),
                 "gate_up",
             ),
-            Rule(M + "mlp.experts.local_experts.{E}.linear_fc2.weight", (X + "w2.weight",), "column"),
+            Rule(M + "mlp.experts.local_experts.{E}.linear_fc2.weight", (X + "w2.weight",), "row"),
         )
     )

@@ -22,7 +22,7 @@ EXPERTS = (
         (X + "gate_proj.weight", X + "up_proj.weight"),
         "gate_up",
     ),
-    Rule(M + "mlp.experts.local_experts.{E}.linear_fc2.weight", (X + "down_proj.weight",), "column"),
+    Rule(M + "mlp.experts.local_experts.{E}.linear_fc2.weight", (X + "down_proj.weight",), "row"),
 )
 
 

@@ -81,6 +81,30 @@ def convert_all(rank: int, dirs: dict[str, str], work: str) -> None:
     )
 
 
+def split_dim_mismatches(chunks: list[Any], hf_dir: str) -> list[str]:
+    """Parameters whose mapping kind splits another weight dim than Megatron's own `partition_dim` (the
+    kinds use Megatron's words: column parallel splits dim 0, row parallel dim 1). At TP1/PP1 names are
+    global, so the table resolves them directly."""
+    from megatron.core.utils import unwrap_model
+
+    from checkpoint_converters.mapping import mapping_for, resolve
+    from checkpoint_converters.transforms import SPLIT_DIM
+
+    mapping = mapping_for(json.loads((Path(hf_dir) / "config.json").read_text())["architectures"][0])
+    bad, seen = [], 0
+    for chunk in chunks:
+        model = unwrap_model(chunk)
+        for name, p in model.named_parameters():
+            res = resolve(mapping, name, 0, 0, model.share_embeddings_and_output_weights)
+            if res is None:
+                continue
+            seen += 1
+            megatron = p.partition_dim if getattr(p, "tensor_model_parallel", False) else None
+            if SPLIT_DIM[res.rule.kind] != megatron:
+                bad.append(f"{name}: {res.rule.kind!r} but Megatron's partition_dim is {megatron}")
+    return bad if seen else ["no parameter resolved"]
+
+
 def load_at_layouts(rank: int, dirs: dict[str, str], work: str) -> dict[str, dict[str, Any]]:
     """world 2, each architecture at TP1 and its parallel layouts: live-load the HF weights (each rank reads
     its slices) and export them; then wipe the weights, load the converted torch_dist checkpoint, export and
@@ -104,6 +128,8 @@ def load_at_layouts(rank: int, dirs: dict[str, str], work: str) -> dict[str, dic
             distributed.initialize(par, seed=0)
             policy = MegatronPolicy(load_hf_config(path), par, train=False)
             res: dict[str, Any] = {}
+            if not layout and rank == 0:
+                res["split_dims"] = split_dim_mismatches(policy.model, path)
             load_hf_weights(policy.model, path)
             live = dict(export_hf_weights(policy.model))  # every rank iterates: collectives inside
             if rank == 0:
@@ -224,6 +250,11 @@ def test_megatron_matches_transformers_at_every_layout_and_exports_exactly(work,
     assert res["logprob_err"] <= 1e-4
     if "logit_err" in res:  # full logits are gathered only at pp=1
         assert res["logit_err"] <= 1e-4 and res["top1_equal"]
+
+
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_mapping_kinds_split_the_dims_megatron_splits(work, name):
+    assert work.layouts[f"{name}:"]["split_dims"] == []
 
 
 @pytest.mark.parametrize("name, layout", CASES, ids=[f"{n}-{lay}" for n, lay in CASES])

@@ -69,8 +69,8 @@ def test_gate_up_each_rank_holds_its_gate_and_up_shards():
     assert torch.equal(torch.cat(pieces), s1)
 
 
-@pytest.mark.parametrize("kind, dim", [("row", 0), ("column", 1), ("replicated", None)])
-def test_row_column_replicated_round_trip(kind, dim):
+@pytest.mark.parametrize("kind, dim", [("column", 0), ("row", 1), ("replicated", None)])
+def test_column_row_replicated_round_trip(kind, dim):
     w = rand(8, 12)
     for tp in (1, 2, 4):
         shards = [T.to_megatron(kind, [w], r, tp) for r in range(tp)]
