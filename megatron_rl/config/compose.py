@@ -221,8 +221,9 @@ def check_values(cfg: Any) -> None:
         raise UserError(f"run.name={cfg.run.name!r} must use only letters, digits, '.', '_' and '-'.")
 
 
-def compose(recipe: str, overrides: list[str] | None = None) -> Any:
-    """Returns the validated OmegaConf config (attribute access) for `recipe` with `overrides` applied.
+def compose(recipe: str, overrides: list[str] | None = None, command: str = "grpo") -> Any:
+    """Returns the validated OmegaConf config (attribute access) for `recipe` with `overrides` applied, for
+    the CLI `command` (grpo, sft or dpo: it names the default run directory, runs/<command>/<run.name>).
     Recipes and groups come from MEGATRON_RL_CONF_DIR (if set), then from the package."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -243,11 +244,11 @@ def compose(recipe: str, overrides: list[str] | None = None) -> Any:
     except (HydraException, OmegaConfBaseException) as exc:
         raise _composition_error(exc, recipe, given) from None
     OmegaConf.set_struct(raw, False)
-    raw.recipe = recipe
+    raw.recipe, raw.command = recipe, command
     cfg = _merge_schema(raw, f"recipe {recipe!r}")
     apply_profile(cfg, given)
     if cfg.run.dir is None:
-        cfg.run.dir = f"runs/{cfg.run.name}"
+        cfg.run.dir = f"runs/{command}/{cfg.run.name}"
     check_values(cfg)
     return cfg
 

@@ -18,7 +18,7 @@ from megatron_rl.policy.optim import OptimConfig
 @dataclass
 class RunConfig:
     name: str = "run"
-    dir: str | None = None  # default: runs/<name> (filled in by compose)
+    dir: str | None = None  # default: runs/<command>/<name> (filled in by compose)
     seed: int = 42
     steps: int = 20
     resume: bool | None = None  # None: resume when the run directory holds a checkpoint
@@ -131,7 +131,10 @@ class DataConfig:
     answer_key: str = "answer"
     system_prompt: str | None = None
     arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
+    # Held-out examples: arithmetic validation problems (SFT/DPO); for JSONL GRPO, the prompts evaluated
+    # (run.eval_every > 0) and removed from training, unless val_path names a separate file.
     val_size: int = 64
+    val_path: str | None = None  # a JSONL of held-out examples; data.path is then trained on whole
 
 
 @dataclass
@@ -174,6 +177,7 @@ class ClusterConfig:
 @dataclass
 class Config:
     recipe: str = "tiny"  # set by compose: the recipe file this config came from
+    command: str = "grpo"  # set by compose: grpo, sft or dpo; the run directory belongs to it
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
@@ -189,6 +193,7 @@ class Config:
 
 # Values a type cannot pin down. Registries (losses, advantages, environments) are checked by their owners.
 CHOICES: dict[str, tuple[str, ...]] = {
+    "command": ("grpo", "sft", "dpo"),
     "model.dtype": ("fp32", "bf16"),
     "policy.recompute": ("none", "selective", "full"),
     "policy.optim.lr_decay_style": ("constant", "linear", "cosine"),

@@ -14,6 +14,8 @@ from typing import Any
 from megatron_rl.errors import UserError
 
 OPS = ("+", "-", "*")
+# Held-out (validation, evaluation) problems come from far past any index training reaches.
+HELD_OUT_START = 10**9
 # How the prompt asks for the answer. "plain" is the bare expression ("3+4="): the answer is the
 # continuation, which tiny models learn fastest; the others are for instruction-tuned models.
 ANSWER_FORMATS = {

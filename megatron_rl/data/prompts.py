@@ -10,7 +10,7 @@ from megatron_rl.data.jsonl import read_jsonl, read_prompt_answer
 from megatron_rl.data.sampler import ResumableOrder
 from megatron_rl.errors import UserError
 
-__all__ = ["PromptDataset", "build_prompt_dataset", "read_jsonl"]
+__all__ = ["PromptDataset", "build_prompt_dataset", "build_prompt_splits", "held_out_size", "read_jsonl"]
 
 
 class PromptDataset:
@@ -73,3 +73,49 @@ def build_prompt_dataset(data_cfg: Any, tokenizer: Any, seed: int = 0, shuffle: 
         items = read_prompt_answer(data_cfg.path, data_cfg.prompt_key, data_cfg.answer_key)
         return PromptDataset(items, tokenizer, data_cfg.system_prompt, seed=seed, shuffle=shuffle)
     raise UserError(f"Unknown data.kind {data_cfg.kind!r}; choose arithmetic or jsonl.")
+
+
+def held_out_size(cfg: Any) -> int:
+    """How many lines of data.path a JSONL GRPO run holds out for evaluation: data.val_size while it evaluates
+    (run.eval_every > 0) and no separate data.val_path is given, else none."""
+    d = cfg.data
+    if d.kind != "jsonl" or not cfg.run.eval_every or d.val_path:
+        return 0
+    if d.val_size < 1:
+        raise UserError(
+            f"run.eval_every={cfg.run.eval_every} evaluates on held-out prompts, but data.val_size="
+            f"{d.val_size} holds none out of {d.path}: set data.val_size >= 1 or data.val_path."
+        )
+    return d.val_size
+
+
+def build_prompt_splits(cfg: Any, tokenizer: Any) -> tuple[PromptDataset, list[dict[str, Any]]]:
+    """GRPO's training prompts and its evaluation prompts (run.eval_size of the held-out ones, rendered),
+    which training never draws: arithmetic problems from far past any training index; for JSONL, the lines
+    of data.val_path, or a seeded data.val_size lines of data.path removed from training."""
+    from megatron_rl.data.arithmetic import HELD_OUT_START
+
+    d = cfg.data
+    n_eval = cfg.run.eval_size if cfg.run.eval_every else 0
+    if d.kind != "jsonl":
+        held_out = build_prompt_dataset(d, tokenizer)
+        held_out.position = HELD_OUT_START
+        return build_prompt_dataset(d, tokenizer), held_out.take(n_eval)
+    if not d.path:
+        raise UserError("data.kind=jsonl needs data.path pointing to a JSONL file.")
+    from megatron_rl.training.batching import holdout_split
+
+    items = read_prompt_answer(d.path, d.prompt_key, d.answer_key)
+    if d.val_path:
+        train, held = items, read_prompt_answer(d.val_path, d.prompt_key, d.answer_key) if n_eval else []
+    else:
+        try:
+            keep, out = holdout_split(len(items), 0.0, cfg.run.seed, count=held_out_size(cfg))
+        except ValueError as exc:
+            raise UserError(f"{d.path}: {exc}; lower data.val_size or give data.val_path.") from None
+        train, held = [items[i] for i in keep], [items[i] for i in out]
+    evaluation = PromptDataset(held, tokenizer, d.system_prompt, shuffle=False) if held else None
+    return (
+        PromptDataset(train, tokenizer, d.system_prompt),
+        evaluation.take(min(n_eval, len(held))) if evaluation else [],
+    )

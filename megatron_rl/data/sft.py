@@ -41,6 +41,31 @@ def tokenized_or_error(
     return seq
 
 
+def sft_messages(
+    path: str | Path,
+    lineno: int,
+    row: dict[str, Any],
+    messages_key: str = "messages",
+    prompt_key: str = "prompt",
+    response_key: str = "response",
+) -> list[dict[str, str]]:
+    """One SFT line as a conversation: `messages_key` (a checked list of messages), else a prompt and a
+    response as one user and one assistant turn."""
+    if messages_key in row:
+        return check_messages(row[messages_key], f"{path}:{lineno}")
+    if prompt_key in row and response_key in row:
+        return [
+            {"role": "user", "content": require_str(path, lineno, row, prompt_key)},
+            {"role": "assistant", "content": require_str(path, lineno, row, response_key)},
+        ]
+    raise line_error(
+        path,
+        lineno,
+        f"expected a {messages_key!r} list or {prompt_key!r} + {response_key!r} fields; "
+        f"the line has {sorted(row)}.",
+    )
+
+
 def load_sft_sequences(
     path: str | Path,
     tokenizer: Any,
@@ -55,21 +80,7 @@ def load_sft_sequences(
     assistant turn is trained); otherwise it needs `prompt_key` and `response_key`."""
     out = []
     for lineno, row in iter_jsonl(path):
-        where = f"{path}:{lineno}"
-        if messages_key in row:
-            messages = check_messages(row[messages_key], where)
-        elif prompt_key in row and response_key in row:
-            messages = [
-                {"role": "user", "content": require_str(path, lineno, row, prompt_key)},
-                {"role": "assistant", "content": require_str(path, lineno, row, response_key)},
-            ]
-        else:
-            raise line_error(
-                path,
-                lineno,
-                f"expected a {messages_key!r} list or {prompt_key!r} + {response_key!r} fields; "
-                f"the line has {sorted(row)}.",
-            )
+        messages = sft_messages(path, lineno, row, messages_key, prompt_key, response_key)
         out.append(
             tokenized_or_error(tokenizer, with_system(messages, system_prompt), path, lineno, max_seq_len)
         )

@@ -8,7 +8,7 @@ from typing import Any
 
 from megatron_rl.algorithms.registry import get_advantage
 from megatron_rl.config.schema import world_size
-from megatron_rl.data.prompts import build_prompt_dataset
+from megatron_rl.data.prompts import build_prompt_splits
 from megatron_rl.environments.base import make_environment
 from megatron_rl.generation.base import token_mult_prob_error
 from megatron_rl.grpo import rollout
@@ -33,9 +33,7 @@ def run(cfg: Any) -> int:
     init_ray(num_cpus=max(2, int(world_size(cfg) * cfg.cluster.cpus_per_rank) + 1))
     model_dir = prepare_model(cfg, run_dir.path)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code)
-    data, held_out = build_prompt_dataset(cfg.data, tokenizer), build_prompt_dataset(cfg.data, tokenizer)
-    held_out.position = 10**9 if cfg.data.kind == "arithmetic" else 0  # arithmetic: never-trained problems
-    eval_items = held_out.take(cfg.run.eval_size)
+    data, eval_items = build_prompt_splits(cfg, tokenizer)  # evaluation prompts are never trained on
     env, advantage = make_environment(cfg.env.name), get_advantage(cfg.grpo.advantage)
     g = cfg.grpo
     loss_settings = {

@@ -93,7 +93,7 @@ def run(argv: list[str]) -> int:
     algo, recipe, overrides, flags, plan_for = parse(argv)
     from megatron_rl.config.compose import compose, save_resolved
 
-    cfg = compose(recipe, overrides)
+    cfg = compose(recipe, overrides, command=plan_for if algo == "plan" else algo)
     if "--cfg" in flags:
         from omegaconf import OmegaConf
 
@@ -103,6 +103,10 @@ def run(argv: list[str]) -> int:
         from megatron_rl.planner.report import main as plan
 
         return plan(cfg, plan_for)
+    from megatron_rl.launch.preflight import preflight
+
+    # Before anything is written or started: a run that cannot start leaves no trace.
+    preflight(cfg, algo, local=cfg.cluster.launcher == "local")
     if cfg.cluster.launcher == "slurm":
         from megatron_rl.launch.slurm import submit
 

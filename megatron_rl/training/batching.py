@@ -11,6 +11,7 @@ from typing import Any
 
 from megatron_rl.data.packing import plan_micro_batches, shard_for_data_parallel
 from megatron_rl.data.sampler import ResumableOrder
+from megatron_rl.errors import UserError
 
 
 class TrainOrder:
@@ -35,15 +36,31 @@ class TrainOrder:
         self.order.load_state_dict(state)
 
 
-def holdout_split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """(train, validation) indices: a seeded `fraction` of n (at least one when fraction > 0) held out."""
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"the validation fraction must be in [0, 1), got {fraction}")
+def check_batch_size(batch_size: int, dp: int, key: str) -> None:
+    """Every data-parallel rank needs at least one example per step."""
+    if batch_size < dp:
+        raise UserError(
+            f"{key}={batch_size} is smaller than the data-parallel size {dp}: every data-parallel rank needs "
+            f"at least one example per step. Raise {key} or use fewer ranks."
+        )
+
+
+def holdout_split(
+    n: int, fraction: float, seed: int, count: int | None = None
+) -> tuple[list[int], list[int]]:
+    """(train, validation) indices: a seeded `fraction` of n (at least one when fraction > 0), or exactly
+    `count` examples when given, held out."""
+    if count is None:
+        if not 0.0 <= fraction < 1.0:
+            raise ValueError(f"the validation fraction must be in [0, 1), got {fraction}")
+        k = 0 if fraction == 0 else max(1, round(n * fraction))
+        held = f"a {fraction:.0%} validation set"
+    else:
+        k, held = count, f"{count} held-out example(s)"
     order = list(range(n))
     random.Random(f"{seed}:holdout").shuffle(order)
-    k = 0 if fraction == 0 else max(1, round(n * fraction))
     if k >= n:
-        raise ValueError(f"{n} example(s) cannot be split into training and a {fraction:.0%} validation set")
+        raise ValueError(f"{n} example(s) cannot be split into training and {held}")
     return sorted(order[k:]), sorted(order[:k])
 
 

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from megatron_rl import distributed, platform
 from megatron_rl.dtypes import precision
-from megatron_rl.errors import UserError
+from megatron_rl.training.batching import check_batch_size
 from megatron_rl.training.checkpoints import CheckpointManager, capture_rng, restore_rng
 
 
@@ -36,14 +36,6 @@ class RankContext:
     model_dir: str
     hf_config: dict[str, Any]
     parallel: Any
-
-
-def check_batch_size(batch_size: int, dp: int, key: str) -> None:
-    if batch_size < dp:
-        raise UserError(
-            f"{key}={batch_size} is smaller than the data-parallel size {dp}: every data-parallel rank needs "
-            f"at least one example per step. Raise {key} or use fewer ranks."
-        )
 
 
 def _on_device(mb: dict[str, Any], device: torch.device) -> dict[str, Any]:

@@ -21,7 +21,8 @@ class RunDir:
         from omegaconf import OmegaConf
 
         self.cfg = cfg
-        self.path = Path(cfg.run.dir or f"runs/{cfg.run.name}").resolve()
+        self.path = Path(cfg.run.dir or f"runs/{cfg.command}/{cfg.run.name}").resolve()
+        check_owner(self.path, cfg.command)
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         self.ckpt_root = self.path / "checkpoints"
@@ -68,6 +69,30 @@ class RunDir:
     def close(self) -> None:
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def check_owner(path: str | Path, command: str) -> None:
+    """A run directory belongs to the command that started it (its config.yaml's `command`): resuming a GRPO
+    run with `sft` would load the wrong trainer state, so that is an error, not a silent resume."""
+    import yaml
+
+    from megatron_rl.errors import UserError
+
+    file = Path(path) / "config.yaml"
+    if not file.is_file():
+        return
+    try:
+        owner = (yaml.safe_load(file.read_text()) or {}).get("command")
+    except (yaml.YAMLError, UnicodeDecodeError, AttributeError) as exc:
+        raise UserError(
+            f"{file} is not a readable run config ({type(exc).__name__}); move the run directory "
+            "away or choose another run.dir."
+        ) from None
+    if owner is not None and owner != command:
+        raise UserError(
+            f"Run directory {path} belongs to a {owner} run (its config.yaml says command: {owner}); a "
+            f"{command} run cannot resume it. Choose another run.dir or run.name."
+        )
 
 
 def _init_wandb(cfg: Any, path: Path) -> Any:

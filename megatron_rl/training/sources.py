@@ -1,6 +1,6 @@
 """SFT/DPO examples as token rows: a JSONL file (megatron_rl.data.sft / data.dpo: every line checked and
 tokenized up front, errors name file and line) or the built-in arithmetic generator (endless, tokenized on
-demand), with a held-out validation set either way.
+demand), with a held-out validation set either way (JSONL: a seeded share of the file, or data.val_path).
 
 An example is a list of rows {"ids" [L], "mask" [L-1]}: one for SFT, [chosen, rejected] for DPO.
 """
@@ -12,10 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from megatron_rl.data.arithmetic import HELD_OUT_START
 from megatron_rl.errors import UserError
-
-# Arithmetic validation problems come from far past any index training reaches.
-HELD_OUT_START = 10**9
 
 
 @dataclass
@@ -74,18 +72,25 @@ def _jsonl(cfg: Any, tokenizer: Any, kind: str, val_fraction: float) -> Examples
         "system_prompt": d.system_prompt,
         "max_seq_len": cfg.policy.max_seq_len,
     }
-    if kind == "sft":
-        from megatron_rl.data.sft import load_sft_sequences
 
-        rows = [[s] for s in load_sft_sequences(d.path, tokenizer, **common)]
-    else:
+    def load(path: str) -> list[list[dict[str, Any]]]:
+        if kind == "sft":
+            from megatron_rl.data.sft import load_sft_sequences
+
+            return [[s] for s in load_sft_sequences(path, tokenizer, **common)]
         from megatron_rl.data.dpo import load_dpo_pairs
 
-        rows = [[p["chosen"], p["rejected"]] for p in load_dpo_pairs(d.path, tokenizer, **common)]
+        return [[p["chosen"], p["rejected"]] for p in load_dpo_pairs(path, tokenizer, **common)]
+
+    rows = load(d.path)
+    if d.val_path:  # a separate validation file: the training file is trained on whole
+        val_rows = load(d.val_path) if val_fraction > 0 else []
+        n = len(rows)
+        return Examples((rows + val_rows).__getitem__, list(range(n)), list(range(n, n + len(val_rows))))
     try:
         train, val = holdout_split(len(rows), val_fraction, cfg.run.seed)
     except ValueError as exc:
-        raise UserError(f"{d.path}: {exc}; lower the validation fraction.") from None
+        raise UserError(f"{d.path}: {exc}; lower the validation fraction or give data.val_path.") from None
     return Examples(rows.__getitem__, train, val)
 
 

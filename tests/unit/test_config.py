@@ -27,7 +27,7 @@ def test_every_recipe_composes_from_the_config_groups():
         assert g.get(group), group
     for name in PRIMARY:
         cfg = compose(name)
-        assert cfg.recipe == name and cfg.run.name == name and cfg.run.dir == f"runs/{name}"
+        assert cfg.recipe == name and cfg.run.name == name and cfg.run.dir == f"runs/grpo/{name}"
         # Every primary recipe picks one option of every group, then sets its own values.
         defaults = yaml.safe_load((CONF_DIR / f"{name}.yaml").read_text())["defaults"]
         chosen = {k for d in defaults if isinstance(d, dict) for k in d}
