@@ -1,6 +1,7 @@
 """megatron-rl command line.
 
-    python -m megatron_rl.launch [ALGO] [conf=RECIPE] [key=value ...] [--cfg] [--dry-run] [--help]
+    python -m megatron_rl.launch [ALGO] [conf=RECIPE] [key=value ...] [--cfg] [--dry-run] [--in-process] [--verbose]
+        [--help]
 
     python -m megatron_rl.launch nightly --suite NAME [--dry-run] [--only PATTERN]   (see docs/nightly.md)
 
@@ -9,14 +10,18 @@ ALGO is grpo (the default), sft, dpo, or plan (the per-GPU memory plan and layou
 RECIPE names a recipe (default tiny): a packaged one or your own (see the end). Overrides use Hydra syntax: `policy.parallel.tp=8`,
 `cluster.nodes=16`, a config group option such as `model=llama3_8b` or `algorithm=dapo`, and
 `launcher=local|slurm` (short for cluster.launcher). `+key=value` is checked against the schema like any
-other key. `--cfg` prints the composed config and exits. With cluster.launcher=slurm the run is submitted as
-Ray on Slurm through NeMo-Run; `--dry-run` prints the exact sbatch script to stdout and submits nothing.
+other key. `--cfg` prints the composed config and exits. With cluster.launcher=local (the default) the run is
+a NeMo-Run experiment on its LocalExecutor (`nemo experiment list|status|logs`, docs/quickstart.md) whose task
+is this command with `--in-process`: the run in this very process (what tests and debuggers use). With
+cluster.launcher=slurm the run is submitted as Ray on Slurm through NeMo-Run. `--dry-run` prints what would
+run (the task's command, or the exact sbatch script) to stdout and starts nothing. The console is quiet: the
+progress bar, the final figures and errors; the engine's and workers' output goes to the run's logs/ folder.
+`--verbose` shows everything on the console instead.
 """
 
 from __future__ import annotations
 
 import importlib
-import shlex
 import sys
 from typing import NamedTuple
 
@@ -28,7 +33,7 @@ ALGORITHMS = {
     "dpo": "megatron_rl.dpo.driver:run",
 }
 ALIASES = {"launcher": "cluster.launcher"}
-FLAGS = ("--cfg", "--dry-run", "--help", "-h")
+FLAGS = ("--cfg", "--dry-run", "--in-process", "--verbose", "--help", "-h")
 
 
 def usage() -> str:
@@ -91,6 +96,10 @@ def _entry(algo: str):
 
 def run(argv: list[str]) -> int:
     algo, recipe, overrides, flags, plan_for = parse(argv)
+    from megatron_rl import console
+
+    # Before the heavy imports, whose warnings it filters.
+    console.configure(verbose_flag="--verbose" in flags)
     from megatron_rl.config.compose import compose, save_resolved
 
     cfg = compose(recipe, overrides, command=plan_for if algo == "plan" else algo)
@@ -111,12 +120,10 @@ def run(argv: list[str]) -> int:
         from megatron_rl.launch.slurm import submit
 
         return submit(cfg, algo, overrides, dry_run="--dry-run" in flags)
-    if "--dry-run" in flags:
-        words = ["python", "-m", "megatron_rl.launch", algo, f"conf={recipe}", *overrides]
-        sys.stdout.write("#!/bin/bash\n# cluster.launcher=local: runs in this process, Ray started locally\n")
-        sys.stdout.write(" ".join(shlex.quote(w) for w in words) + "\n")
-        print(f"[dry-run] {algo} conf={recipe}: nothing run", file=sys.stderr)
-        return 0
+    if "--dry-run" in flags or "--in-process" not in flags:
+        from megatron_rl.launch import local
+
+        return local.dry_run(cfg, algo, overrides) if "--dry-run" in flags else local.run(cfg, algo, overrides)
     entry = _entry(algo)
     save_resolved(cfg, cfg.run.dir)
     return int(entry(cfg) or 0)
@@ -137,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as exc:
         # A crashed Ray worker: the controller already turned it into one paragraph naming the phase.
         try:
-            from megatron_rl.grpo.ray_utils import WorkerError
+            from megatron_rl.ray_utils import WorkerError
         except ImportError:
             raise exc from None
         if not isinstance(exc, WorkerError):

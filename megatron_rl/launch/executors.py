@@ -48,15 +48,17 @@ def describe(command: list[str]) -> str:
     return shlex.join(command)
 
 
-def build_executor(cfg: Any, env: dict[str, str] | None = None, setup_lines: str = "") -> Any:
-    """The NeMo-Run executor for `cfg.cluster.launcher`. `env` is added to the task's environment;
-    `setup_lines` run in a Slurm batch script before srun (the Ray-on-Slurm node program)."""
-    launcher = cfg.cluster.launcher
+def build_executor(
+    launcher: str, cfg: Any | None = None, env: dict[str, str] | None = None, setup_lines: str = ""
+) -> Any:
+    """The NeMo-Run executor for `launcher` (a config's cluster.launcher). `env` is added to the task's
+    environment; a Slurm executor is built from `cfg` (its cluster section and run directory), and
+    `setup_lines` run in its batch script before srun (the Ray-on-Slurm node program)."""
     if launcher == "local":
         return nemo_run().LocalExecutor(ntasks_per_node=1, env_vars=dict(env or {}))
-    if launcher == "slurm":
+    if launcher == "slurm" and cfg is not None:
         return _slurm_executor(cfg, env or {}, setup_lines)
-    raise UserError(f"cluster.launcher={launcher!r}: choose local or slurm.")
+    raise UserError(f"cluster.launcher={launcher!r}: choose local or slurm (a Slurm job needs its config).")
 
 
 # SlurmExecutor fields taken as they are from the cluster section.

@@ -58,6 +58,7 @@ class TaskExperiment:
         self.exp: Any = None
         self.returncode: int | None = None
         self.cancelled = False
+        self._finished = False
 
     @property
     def id(self) -> str:
@@ -73,11 +74,10 @@ class TaskExperiment:
         run = nemo_run()
 
         entry, *args = self.command
-        script = run.Script(path=args[0], args=args[1:], entrypoint=entry) if args else None
-        if args[:1] == ["-m"]:  # `python -m module ...`: NeMo-Run's own module form
+        if args[:1] == ["-m"] and len(args) > 1:  # `python -m module ...`: NeMo-Run's own module form
             script = run.Script(path=args[1], args=args[2:], entrypoint=entry, m=True)
-        if script is None:
-            script = run.Script(path=entry, entrypoint="env")
+        else:  # through env: NeMo-Run rewrites a bare `-c CODE` pair (its inline-script form)
+            script = run.Script(path=entry, args=args, entrypoint="env")
         self.exp = run.Experiment(
             self.title,
             executor=self.executor,
@@ -133,7 +133,8 @@ class TaskExperiment:
         self.returncode = proc.returncode
 
     def finish(self) -> None:
-        if self.exp is not None:
+        if self.exp is not None and not self._finished:
+            self._finished = True
             self.exp.__exit__(None, None, None)
 
     def log_tail(self, lines: int = 40) -> str:

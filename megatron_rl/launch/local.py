@@ -109,7 +109,7 @@ def run(cfg: Any, algo: str, overrides: list[str]) -> int:
 
     run_dir = Path(cfg.run.dir).absolute()
     command = cli_command(algo, cfg.recipe, task_overrides(overrides, run_dir))
-    task = TaskExperiment(experiment_title(algo, cfg), command, build_executor(cfg))
+    task = TaskExperiment(experiment_title(algo, cfg), command, build_executor("local", cfg))
     title, fields = BARS[algo]
     follower = MetricsFollower(run_dir / "metrics.jsonl")
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cancels like Ctrl-C

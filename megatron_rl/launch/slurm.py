@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import shlex
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
 from megatron_rl.errors import UserError
+from megatron_rl.launch.executors import build_executor, cli_command, nemo_run, task_overrides
 from megatron_rl.planner import check_layout
 
 __all__ = ["build_request", "check_layout", "render", "submit", "training_command"]
@@ -31,17 +31,7 @@ _HEREDOC = "MEGATRON_RL_RAY_NODE"
 
 def training_command(cfg: Any, algo: str, overrides: list[str], run_dir: Path) -> list[str]:
     """The command node 0 runs: the same CLI, same recipe and overrides, in-process against the Ray cluster."""
-    kept = [o for o in overrides if not o.lstrip("+").startswith(("cluster.launcher=", "run.dir="))]
-    return [
-        "python",
-        "-m",
-        "megatron_rl.launch",
-        algo,
-        f"conf={cfg.recipe}",
-        *kept,
-        f"run.dir={run_dir}",
-        "cluster.launcher=local",
-    ]
+    return cli_command(algo, cfg.recipe, task_overrides(overrides, run_dir), python="python")
 
 
 def _require(cfg: Any) -> None:
@@ -59,11 +49,8 @@ def _require(cfg: Any) -> None:
 
 def build_request(cfg: Any, algo: str, overrides: list[str]) -> Any:
     """NeMo-Run's SlurmBatchRequest for this run (nothing touches the disk or the network)."""
-    with warnings.catch_warnings():  # nemo_run's imports warn about deprecations in their dependencies
-        warnings.simplefilter("ignore")
-        from nemo_run.core.execution.slurm import SlurmBatchRequest, SlurmExecutor
-        from nemo_run.core.packaging.base import Packager
-        from nemo_run.core.tunnel.client import LocalTunnel
+    nemo_run()  # quiet import
+    from nemo_run.core.execution.slurm import SlurmBatchRequest
 
     from megatron_rl.launch.ray_node import render_node_script
 
@@ -92,25 +79,7 @@ def build_request(cfg: Any, algo: str, overrides: list[str]) -> Any:
             'export MRL_HEAD_IP="${head_node_ip%% *}"',
         ]
     )
-    executor = SlurmExecutor(
-        account=c.account,
-        partition=c.partition,
-        qos=c.qos,
-        time=c.time,
-        nodes=c.nodes,
-        ntasks_per_node=1,
-        gpus_per_node=c.gpus_per_node,
-        exclusive=True,
-        container_image=c.container_image,
-        container_mounts=[*c.mounts, f"{run_dir}:{run_dir}"],
-        env_vars={k: shlex.quote(str(v)) for k, v in c.env.items()},
-        setup_lines=setup_lines,
-        job_name_prefix="megatron-rl-",
-        tunnel=LocalTunnel(job_dir=str(run_dir)),
-        packager=Packager(),  # the code is in the container (cluster.workdir), nothing to ship
-        poll_estimated_start_time=False,
-    )
-    executor.job_dir = str(job_dir)
+    executor = build_executor("slurm", cfg, setup_lines=setup_lines)
     return SlurmBatchRequest(
         launch_cmd=["sbatch", "--parsable"],
         jobs=[f"{algo}-{cfg.run.name}"],
@@ -166,7 +135,10 @@ def submit(cfg: Any, algo: str, overrides: list[str], dry_run: bool) -> int:
     tmp = path.with_suffix(".sbatch.tmp")
     tmp.write_text(script)
     tmp.replace(path)
-    result = request.executor.tunnel.run(f"sbatch --parsable {shlex.quote(str(path))}", warn=True)
+    # in_stream=False: sbatch reads no input, and the caller's stdin (a console, a test runner) stays its own.
+    result = request.executor.tunnel.run(
+        f"sbatch --parsable {shlex.quote(str(path))}", warn=True, in_stream=False
+    )
     if result.exited:
         raise UserError(f"sbatch rejected {path}: {(result.stderr or result.stdout).strip()}")
     job_id = result.stdout.strip().split(";")[0]

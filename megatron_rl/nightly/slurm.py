@@ -1,14 +1,15 @@
-"""One suite entry as a Slurm job: the launcher renders and submits it, sacct reports on it, logs are found
-in its run directory."""
+"""One suite entry as a Slurm job: the launcher's own renderer and submission (megatron_rl.launch.slurm, called
+in this process), sacct reports on it, logs are found in its run directory."""
 
 from __future__ import annotations
 
-import inspect
-import re
+import io
+import shlex
 import subprocess
-import sys
 import time
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
+from typing import Any
 
 from megatron_rl.errors import UserError
 from megatron_rl.nightly.local import Outcome
@@ -28,49 +29,25 @@ TERMINAL = {
 }
 
 
-def render_script(entry: Entry, run_dir: Path) -> str:
-    """The sbatch script the launcher would submit for this entry (its --dry-run output)."""
+def _composed(entry: Entry, run_dir: Path) -> tuple[Any, list[str]]:
+    """The entry's config as the launcher composes it for Slurm, its layout checked."""
     if entry.recipe is None:
         raise UserError(f"entry {entry.name!r} runs a custom command, which only the local launcher can run.")
+    from megatron_rl.config.compose import compose
+    from megatron_rl.launch.preflight import preflight
+
     overrides = [*entry.launcher_overrides(run_dir), "cluster.launcher=slurm"]
-    try:
-        from megatron_rl.config.compose import compose
-        from megatron_rl.launch import slurm as launcher
-
-        in_process = list(inspect.signature(launcher.render).parameters)[:4] == [
-            "cfg",
-            "algo",
-            "recipe",
-            "overrides",
-        ]
-    except (ImportError, AttributeError):
-        in_process = False
-    if not in_process:  # the launcher's public contract: `--dry-run` prints the script on stdout
-        return _render_subprocess(entry, overrides)
-    cfg = compose(entry.recipe, overrides)
-    if hasattr(launcher, "check_layout"):
-        launcher.check_layout(cfg)
-    return launcher.render(cfg, entry.algo, entry.recipe, overrides)
+    cfg = compose(entry.recipe, overrides, command=entry.algo)
+    preflight(cfg, entry.algo, local=False)
+    return cfg, overrides
 
 
-def _render_subprocess(entry: Entry, overrides: list[str]) -> str:
-    cmd = [
-        sys.executable,
-        "-m",
-        "megatron_rl.launch",
-        entry.algo,
-        f"conf={entry.recipe}",
-        *overrides,
-        "--dry-run",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
-    if proc.returncode or not proc.stdout.strip():
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise UserError(f"entry {entry.name!r}: the launcher could not render its Slurm script: {tail}")
-    return proc.stdout
+def render_script(entry: Entry, run_dir: Path) -> str:
+    """The sbatch script the launcher would submit for this entry (its --dry-run output)."""
+    from megatron_rl.launch.slurm import render
 
-
-_JOB_ID = re.compile(r"submitted\b.*?\bjob (\d+)", re.I)
+    cfg, overrides = _composed(entry, run_dir)
+    return render(cfg, entry.algo, entry.recipe, overrides)
 
 
 def find_log(run_dir: Path, job_id: str | None) -> Path | None:
@@ -90,27 +67,22 @@ class Scheduler:
     for sbatch/sacct/squeue/scancel on PATH."""
 
     def submit(self, entry: Entry, run_dir: Path) -> str:
-        """`python -m megatron_rl.launch ALGO conf=RECIPE ... cluster.launcher=slurm`: the launcher writes the
-        script into <run>/slurm/ and calls sbatch; the job id is read back from what it printed."""
-        cmd = [
-            sys.executable,
-            "-m",
-            "megatron_rl.launch",
-            entry.algo,
-            f"conf={entry.recipe}",
-            *entry.launcher_overrides(run_dir),
-            "cluster.launcher=slurm",
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
-        (run_dir / "submit.log").write_text(f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr}")
-        found = _JOB_ID.search(proc.stdout + proc.stderr)
-        id_file = run_dir / "slurm" / "job_id"  # the launcher also records it there
-        if proc.returncode == 0 and not found and id_file.is_file():
-            return id_file.read_text().strip()
-        if proc.returncode or not found:
-            tail = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()[-1]
-            raise RuntimeError(f"the launcher did not submit (exit {proc.returncode}): {tail}")
-        return found.group(1)
+        """What `python -m megatron_rl.launch ALGO conf=RECIPE ... cluster.launcher=slurm` does: the launcher
+        writes the script into <run>/slurm/ and calls sbatch; its output goes to <run>/submit.log."""
+        from megatron_rl.launch.slurm import submit
+
+        out = io.StringIO()
+        try:
+            cfg, overrides = _composed(entry, run_dir)
+            out.write(f"$ python -m megatron_rl.launch {entry.algo} conf={entry.recipe} {shlex.join(overrides)}\n")
+            with redirect_stdout(out), redirect_stderr(out):
+                submit(cfg, entry.algo, overrides, dry_run=False)
+        except UserError as exc:
+            out.write(f"error: {exc}\n")
+            raise RuntimeError(f"the launcher did not submit: {exc}") from None
+        finally:
+            (run_dir / "submit.log").write_text(out.getvalue())
+        return (run_dir / "slurm" / "job_id").read_text().strip()
 
     def state(self, job_id: str) -> str:
         proc = subprocess.run(

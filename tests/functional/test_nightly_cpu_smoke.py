@@ -151,13 +151,15 @@ def test_slurm_entries_submitted_through_the_launcher(tmp_path, monkeypatch):
     assert e["log"].endswith("log-job_4000_0.out")
 
 
-def test_in_process_render_matches_the_launcher_cli_dry_run(tmp_path):
-    """The dry run renders in-process through the launcher's API; its CLI `--dry-run` (the fallback when that
-    API is absent) must print the very same script."""
-    from megatron_rl.nightly.slurm import _render_subprocess, render_script
+def test_nightly_renders_what_the_launcher_cli_dry_run_prints(tmp_path, capfd):
+    """One Slurm renderer: a suite entry's script is the launcher's own `--dry-run` output for its command."""
+    from megatron_rl.launch.__main__ import main as launch
+    from megatron_rl.nightly.slurm import render_script
 
     entry = next(e for e in load_suite("nightly").entries if e.recipe == "llama8b")
     run_dir = tmp_path / "runs" / entry.name
-    in_process = render_script(entry, run_dir)
-    cli = _render_subprocess(entry, [*entry.launcher_overrides(run_dir), "cluster.launcher=slurm"])
-    assert in_process == cli and f"run.dir={run_dir}" in cli
+    rendered = render_script(entry, run_dir)
+    argv = [entry.algo, f"conf={entry.recipe}", *entry.launcher_overrides(run_dir), "cluster.launcher=slurm"]
+    capfd.readouterr()
+    assert launch([*argv, "--dry-run"]) == 0
+    assert capfd.readouterr().out == rendered and f"run.dir={run_dir}" in rendered

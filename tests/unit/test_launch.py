@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shlex
 import subprocess
+import sys
 
 import pytest
 
@@ -73,9 +74,10 @@ def test_slurm_script_of_a_big_recipe(recipe, nodes, tmp_path):
         "+cluster.env.WANDB_PROJECT=my proj",
         f"run.dir={run}",
         "cluster.launcher=local",
+        "--in-process",
     ]
     # The command replays to the same config, run in-process on the head.
-    again = compose(recipe, words[6:])
+    again = compose(recipe, words[6:-1])
     assert again.grpo.kl_coef == 0.01 and again.data.system_prompt == "Think, then answer: 1, 2."
     assert again.cluster.launcher == "local" and again.cluster.nodes == nodes
     bash_syntax_ok(script, tmp_path, "job.sbatch")
@@ -95,10 +97,22 @@ def test_dry_run_prints_only_the_script_and_writes_nothing(capfd, tmp_path):
     assert out == render(compose("llama70b", argv[2:]), "grpo", "llama70b", argv[2:])
 
 
-def test_local_dry_run_shows_the_command(capsys, tmp_path):
-    assert main(["grpo", "conf=tiny", f"run.dir={tmp_path}", "--dry-run"]) == 0
+def test_local_dry_run_shows_the_experiment_task(capsys, tmp_path):
+    assert main(["grpo", "conf=tiny", "run.steps=3", f"run.dir={tmp_path}", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert f"python -m megatron_rl.launch grpo conf=tiny run.dir={tmp_path}" in out
+    assert "NeMo-Run experiment 'grpo-tiny' on its LocalExecutor" in out
+    task = shlex.split(out.splitlines()[-1])
+    assert task == [
+        sys.executable,
+        "-m",
+        "megatron_rl.launch",
+        "grpo",
+        "conf=tiny",
+        "run.steps=3",
+        f"run.dir={tmp_path}",
+        "cluster.launcher=local",
+        "--in-process",
+    ]
     assert not any(tmp_path.iterdir())
 
 
