@@ -11,6 +11,7 @@ written; outputs are assembled in `<out>.tmp` and renamed into place when comple
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 
 from checkpoint_converters.hf_io import (
+    SIDE_FILES,
     HFCheckpoint,
     StreamingHFWriter,
     commit_output,
@@ -26,6 +28,7 @@ from checkpoint_converters.hf_io import (
     prepare_output,
 )
 from checkpoint_converters.mapping import mapping_for
+from checkpoint_converters.storage import METADATA_ALLOWANCE, files_bytes, storage_error
 from checkpoint_converters.transforms import to_megatron_pieces
 from megatron_rl.dtypes import HF_NAMES, precision
 from megatron_rl.errors import UserError
@@ -101,7 +104,8 @@ def hf_to_megatron(
         _check_hf_tensors(ckpt, maps, info.tie_word_embeddings, arch)
         by_name = {m.name: m for m in maps}
         heads, groups = cfg.num_attention_heads, cfg.num_query_groups
-        tmp = prepare_output(out_path, overwrite)
+        needed = sum(m.nbytes for m in maps) + files_bytes(hf_dir, SIDE_FILES) + METADATA_ALLOWANCE
+        tmp = prepare_output(out_path, overwrite, needed)
         try:
             with byte_progress(f"hf-to-megatron {arch}", sum(m.nbytes for m in maps), progress) as advance:
 
@@ -127,8 +131,10 @@ def hf_to_megatron(
                 "parameters": sum(int(torch.Size(m.shape).numel()) for m in maps),
             }
             (tmp / "conversion.json").write_text(json.dumps(meta, indent=2))
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
+            if error := storage_error(exc, out_path, needed):
+                raise error from None
             raise
         finally:
             ckpt.close()
@@ -200,7 +206,9 @@ def megatron_to_hf(
             for m in maps
             for h, shape in zip(m.hf_names, m.hf_shapes)
         ]
-        tmp = prepare_output(out_path, overwrite)
+        needed = sum(math.prod(shape) * dt.itemsize for _, shape, dt in plan)
+        needed += files_bytes(cfg_dir, SIDE_FILES) + METADATA_ALLOWANCE
+        tmp = prepare_output(out_path, overwrite, needed)
         try:
             writer = StreamingHFWriter(tmp, plan, shard_bytes)
             heads, groups = cfg.num_attention_heads, cfg.num_query_groups
@@ -215,8 +223,10 @@ def megatron_to_hf(
             copy_side_files(cfg_dir, tmp)
             if out_dtype is not None:
                 _set_config_dtype(tmp / "config.json", out_dtype)
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
+            if error := storage_error(exc, out_path, needed):
+                raise error from None
             raise
     return commit_output(tmp, out_path)
 

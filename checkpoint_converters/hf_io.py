@@ -350,10 +350,14 @@ class ShardedWriter:
             (self.dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def prepare_output(out: Path, overwrite: bool) -> Path:
-    """A fresh `<out>.tmp` to assemble into; refuses an existing `out` unless overwriting."""
+def prepare_output(out: Path, overwrite: bool, needed: int = 0) -> Path:
+    """A fresh `<out>.tmp` to assemble into; refuses an existing `out` unless overwriting, and a read-only
+    filesystem or one with less than `needed` bytes free (0: unknown)."""
+    from checkpoint_converters.storage import check_output_room
+
     if out.exists() and not overwrite:
         raise UserError(f"Output directory {out} already exists; pass --overwrite to replace it.")
+    check_output_room(out, needed)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -390,7 +394,11 @@ def write_hf_checkpoint(
             writer.add(name, tensor)
         writer.close()
         copy_side_files(template_dir, tmp)
-    except BaseException:
+    except BaseException as exc:
+        from checkpoint_converters.storage import storage_error
+
         shutil.rmtree(tmp, ignore_errors=True)
+        if error := storage_error(exc, out, 0):
+            raise error from None
         raise
     return commit_output(tmp, out)
