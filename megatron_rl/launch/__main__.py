@@ -7,10 +7,10 @@
 
 ALGO is grpo (the default), sft, dpo, or plan (the per-GPU memory plan and layout checks of the recipe;
 `plan sft` / `plan dpo` plan a run without the generation engine).
-RECIPE names a recipe (default tiny): a packaged one or your own (see the end). Overrides use Hydra syntax: `policy.parallel.tp=8`,
-`cluster.nodes=16`, a config group option such as `model=llama3_8b` or `algorithm=dapo`, and
-`launcher=local|slurm` (short for cluster.launcher). `+key=value` is checked against the schema like any
-other key. `--cfg` prints the composed config and exits. With cluster.launcher=local (the default) the run is
+RECIPE names a recipe (default tiny): a packaged one or your own (see the end). Overrides use Hydra
+syntax: `policy.parallel.tp=8`, `cluster.nodes=16`, a config group option such as `model=llama3_8b` or
+`algorithm=dapo`, and `launcher=local|slurm` (short for cluster.launcher). `+key=value` is checked against
+the schema like any other key. `--cfg` prints the composed config and exits. With cluster.launcher=local (the default) the run is
 a NeMo-Run experiment on its LocalExecutor (`nemo experiment list|status|logs`, docs/quickstart.md) whose task
 is this command with `--in-process`: the run in this very process (what tests and debuggers use). With
 cluster.launcher=slurm the run is submitted as Ray on Slurm through NeMo-Run. `--dry-run` prints what would
