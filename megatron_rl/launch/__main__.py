@@ -7,16 +7,16 @@
 
 ALGO is grpo (the default), sft, dpo, or plan (the per-GPU memory plan and layout checks of the recipe;
 `plan sft` / `plan dpo` plan a run without the generation engine).
-RECIPE names a recipe (default tiny): a packaged one or your own (see the end). Overrides use Hydra
-syntax: `policy.parallel.tp=8`, `cluster.nodes=16`, a config group option such as `model=llama3_8b` or
-`algorithm=dapo`, and `launcher=local|slurm` (short for cluster.launcher). `+key=value` is checked against
-the schema like any other key. `--cfg` prints the composed config and exits. With cluster.launcher=local (the default) the run is
-a NeMo-Run experiment on its LocalExecutor (`nemo experiment list|status|logs`, docs/quickstart.md) whose task
-is this command with `--in-process`: the run in this very process (what tests and debuggers use). With
-cluster.launcher=slurm the run is submitted as Ray on Slurm through NeMo-Run. `--dry-run` prints what would
-run (the task's command, or the exact sbatch script) to stdout and starts nothing. The console is quiet: the
-progress bar, the final figures and errors; the engine's and workers' output goes to the run's logs/ folder.
-`--verbose` shows everything on the console instead.
+RECIPE names a recipe (default tiny): a packaged one or your own (see the end). Overrides use Hydra syntax:
+`policy.parallel.tp=8`, `cluster.nodes=16`, a config group option such as `model=llama3_8b` or
+`algorithm=dapo`, and `launcher=local|slurm` (short for cluster.launcher). `+key=value` is checked against the
+schema like any other key. `--cfg` prints the composed config and exits. With cluster.launcher=local (the
+default) the run is a NeMo-Run experiment on its LocalExecutor (`nemo experiment list|status|logs`,
+docs/quickstart.md) whose task is this command with `--in-process`: the run in this very process (what tests
+and debuggers use). With cluster.launcher=slurm the run is submitted as Ray on Slurm through NeMo-Run.
+`--dry-run` prints what would run (the task's command, or the exact sbatch script) to stdout and starts
+nothing. The console is quiet: the progress bar, the final figures and errors; the engine's and workers'
+output goes to the run's logs/ folder. `--verbose` shows everything on the console instead.
 """
 
 from __future__ import annotations
