@@ -213,7 +213,7 @@ def run_refit_bench(
     """Benchmarks each model in turn (one engine at a time); progress goes to stderr, results are returned."""
     from rich.console import Console
 
-    from megatron_rl.grpo.ray_utils import init_ray
+    from megatron_rl.ray_utils import init_ray
 
     console = Console(stderr=True)
     root = Path(cache or Path(tempfile.gettempdir()) / "megatron_rl_bench")

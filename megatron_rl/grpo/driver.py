@@ -12,9 +12,10 @@ from megatron_rl.data.prompts import build_prompt_splits
 from megatron_rl.environments.base import make_environment
 from megatron_rl.generation.base import token_mult_prob_error
 from megatron_rl.grpo import rollout
-from megatron_rl.grpo.ray_utils import init_ray
-from megatron_rl.grpo.setup import build_engine, build_policy, prepare_model
+from megatron_rl.grpo.setup import build_engine, build_policy
+from megatron_rl.models.starting_model import prepare_model
 from megatron_rl.progress import step_progress
+from megatron_rl.ray_utils import init_ray
 from megatron_rl.training.run_dir import RunDir
 
 

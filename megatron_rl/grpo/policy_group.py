@@ -7,7 +7,8 @@ from typing import Any
 import torch
 
 from megatron_rl.grpo.policy_worker import PolicySpec, PolicyWorker
-from megatron_rl.grpo.ray_utils import gather, remote_class
+from megatron_rl.rank_actors import RankActors
+from megatron_rl.ray_utils import gather
 
 
 class PolicyGroup:
@@ -19,26 +20,24 @@ class PolicyGroup:
         cpus_per_rank: float,
         timeout_s: float = 1800,
     ) -> None:
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
         self.spec, self.world_size, self.timeout_s = spec, world_size, timeout_s
         self.dp = spec.parallel.check_world(world_size)
-        bundle = {"CPU": cpus_per_rank, **({"GPU": gpus_per_rank} if gpus_per_rank else {})}
-        self.pg = placement_group([dict(bundle) for _ in range(world_size)], strategy="PACK")
-        gather([self.pg.ready()], "placing policy ranks", timeout_s)
-        actor_cls = remote_class(PolicyWorker)
-        self.workers = [
-            actor_cls.options(
-                num_cpus=cpus_per_rank,
-                num_gpus=gpus_per_rank,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
-            ).remote(r, world_size, spec)
-            for r in range(world_size)
-        ]
-        addr, port = gather([self.workers[0].address.remote()], "policy rank 0 address", timeout_s)[0]
-        threads = max(1, int(cpus_per_rank)) if gpus_per_rank else max(1, int(round(cpus_per_rank)))
-        info = gather([w.setup.remote(addr, port, threads) for w in self.workers], "policy setup", timeout_s)
+        self.ranks = RankActors(
+            PolicyWorker,
+            world_size,
+            gpus_per_rank,
+            cpus_per_rank,
+            timeout_s,
+            "policy ranks",
+            lambda r: (r, world_size, spec),
+        )
+        self.workers = self.ranks.actors
+        try:
+            setup = [w.setup.remote(*self.ranks.master, self.ranks.threads) for w in self.workers]
+            info = gather(setup, "policy setup", timeout_s)
+        except BaseException:
+            self.ranks.shutdown()
+            raise
         # Every rank of a DP group (its TP/PP/CP peers) must see the same shard; Megatron says which.
         self.dp_rank = [i["dp_rank"] for i in info]
 
@@ -100,9 +99,4 @@ class PolicyGroup:
         return gather(refs, "weight export and refit", self.timeout_s)[0]
 
     def shutdown(self) -> None:
-        import ray
-        from ray.util.placement_group import remove_placement_group
-
-        for w in self.workers:
-            ray.kill(w)
-        remove_placement_group(self.pg)
+        self.ranks.shutdown()

@@ -6,7 +6,6 @@ tensor/pipeline peers see identical micro-batches. Results come back from the la
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +14,7 @@ import torch
 from megatron_rl.dtypes import precision
 from megatron_rl.parallel import ParallelConfig
 from megatron_rl.policy.optim import OptimConfig
+from megatron_rl.rank_actors import RankActor
 
 
 @dataclass
@@ -36,12 +36,15 @@ def micro_batches(seqs: list[dict[str, Any]], token_budget: int) -> list[dict[st
     return [dict(collate_sequences([seqs[i] for i in g]), index=torch.tensor(g)) for g in groups]
 
 
-class PolicyWorker:
+class PolicyWorker(RankActor):
     """Lives in a Ray actor; owns one Megatron rank."""
 
     def __init__(self, rank: int, world_size: int, spec: PolicySpec) -> None:
         import warnings
 
+        from megatron_rl import console
+
+        console.redirect_to_log(f"policy_rank{rank}")  # first: everything it prints goes to <run>/logs/
         # Megatron warns at import about missing TE/apex and deprecated args; the fallbacks are intended.
         warnings.filterwarnings("ignore", module=r"megatron\..*")
         warnings.filterwarnings("ignore", category=FutureWarning)
@@ -50,26 +53,12 @@ class PolicyWorker:
         self.policy: Any = None
         self.reference: dict[str, torch.Tensor] | None = None
 
-    def address(self) -> tuple[str, int]:
-        import ray
-
-        from megatron_rl.distributed import free_port
-
-        return ray.util.get_node_ip_address(), free_port()
-
     def setup(self, master_addr: str, master_port: int, threads: int) -> dict[str, Any]:
         from megatron_rl import distributed
         from megatron_rl.models.hf_config import load_hf_config
         from megatron_rl.policy.core import MegatronPolicy
 
-        os.environ.update(
-            RANK=str(self.rank),
-            WORLD_SIZE=str(self.world_size),
-            MASTER_ADDR=master_addr,
-            MASTER_PORT=str(master_port),
-            LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"),
-        )
-        torch.set_num_threads(max(1, threads))
+        self.join(self.rank, self.world_size, master_addr, master_port, threads)
         distributed.initialize(self.spec.parallel, seed=self.spec.seed)
         self.policy = MegatronPolicy(
             load_hf_config(self.spec.hf_dir), self.spec.parallel, self.spec.optim, precision(self.spec.dtype)

