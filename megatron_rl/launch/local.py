@@ -2,7 +2,8 @@
 
 The task is this CLI with `--in-process`; its output goes to NeMo-Run's task log. This process shows the
 step bar from the run's metrics.jsonl as rows appear, then the final figures and where the logs are. A
-failed task: the end of its log and its exit status. Ctrl-C (or SIGTERM) cancels the experiment.
+failed task: the end of its log and its exit status. Ctrl-C (or SIGTERM) cancels the experiment. With
+--verbose the task's whole output is echoed here instead of the bar.
 """
 
 from __future__ import annotations
@@ -79,6 +80,24 @@ class MetricsFollower:
         return rows
 
 
+class LogEcho:
+    """--verbose: the task's whole output on this console, as it comes, instead of the bar."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.offset = path, 0
+
+    def flush(self) -> None:
+        try:
+            with self.path.open("rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except OSError:
+            return
+        self.offset += len(data)
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+
+
 def _summary(rows: list[dict], fields: list[tuple[str, str, str]]) -> str:
     parts = []
     for _, key, spec in fields:
@@ -104,6 +123,7 @@ def _error_excerpt(text: str, max_lines: int = 60) -> str:
 
 def run(cfg: Any, algo: str, overrides: list[str]) -> int:
     """Launches and follows the run; returns the exit status the CLI exits with."""
+    from megatron_rl import console
     from megatron_rl.nightly.metrics import log_tail
     from megatron_rl.progress import step_progress
 
@@ -117,12 +137,15 @@ def run(cfg: Any, algo: str, overrides: list[str]) -> int:
     task.start()
     print(f"{algo} conf={cfg.recipe}: NeMo-Run experiment {task.id} (local), run dir {run_dir}", flush=True)
     rc: int | None = None
+    echo = LogEcho(task.log_path) if console.verbose() else None
     try:
-        with step_progress(title, cfg.run.steps, 0, fields) as bar:
+        with step_progress(title, cfg.run.steps, 0, fields, enabled=echo is None) as bar:
             while rc is None:
                 rc = task.poll()
                 for row in follower.new_rows():
                     bar.update(int(row.get("step", 0)), row)
+                if echo is not None:
+                    echo.flush()
                 if rc is None:
                     time.sleep(POLL_S)
     except KeyboardInterrupt:
@@ -140,8 +163,9 @@ def run(cfg: Any, algo: str, overrides: list[str]) -> int:
         print(f"done: {steps}/{cfg.run.steps} steps in {wall:.0f} s" + (f"; {figures}" if figures else ""))
     elif rc != 130:
         rc = rc if rc > 0 else 1
-        excerpt = _error_excerpt(log_tail(task.log_path, 400))
-        print(f"{excerpt}\nerror: the run failed (exit status {rc}); above, the end of its log", file=sys.stderr)
+        if echo is None:  # verbose: the whole log is on the console already
+            print(_error_excerpt(log_tail(task.log_path, 400)), file=sys.stderr)
+        print(f"error: the run failed (exit status {rc}); above, the end of its log", file=sys.stderr)
     print(f"task log: {task.log_path}\n  (`nemo experiment logs {task.id}`; experiments kept in {home})")
-    print(f"run dir:  {run_dir} (config.yaml, metrics.jsonl, checkpoints)")
+    print(f"run dir:  {run_dir} (config.yaml, metrics.jsonl, logs/, checkpoints/)")
     return rc

@@ -1,4 +1,5 @@
-"""GRPO end to end through the real CLI (Ray, Megatron ranks, vLLM engine) on the tiny recipe.
+"""GRPO end to end through the real CLI (Ray, Megatron ranks, vLLM engine) on the tiny recipe: the 40-step
+learning run as the user runs it (a NeMo-Run experiment on the LocalExecutor), the others `--in-process`.
 
 Task: single-digit addition ("3+5=" -> "8"). The tiny model starts from a short Megatron SFT warm start
 that answers some problems right, so groups of 8 samples contain both rewards and GRPO has signal; what it
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,9 +23,13 @@ CLI = [sys.executable, "-m", "megatron_rl.launch", "grpo", "conf=tiny"]
 KEYS_EXCLUDED = ("timing/", "throughput/", "time", "memory/", "refit/")
 
 
-def launch(*overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    return subprocess.run([*CLI, *overrides], capture_output=True, text=True, timeout=timeout, env=env)
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+
+
+def launch(*overrides: str, timeout: int = 600, in_process: bool = True) -> subprocess.CompletedProcess:
+    """The CLI; `in_process=False` is the user's command: a NeMo-Run experiment whose task runs the CLI."""
+    flags = ["--in-process"] if in_process else []
+    return subprocess.run([*CLI, *overrides, *flags], capture_output=True, text=True, timeout=timeout, env=ENV)
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -33,13 +39,42 @@ def metrics(run_dir: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def learning_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("grpo_learn")
-    proc = launch(f"run.dir={run_dir}", "run.steps=40", "run.eval_every=20", "run.eval_samples=4")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return run_dir, metrics(run_dir)
+    overrides = (f"run.dir={run_dir}", "run.steps=40", "run.eval_every=20", "run.eval_samples=4")
+    proc = launch(*overrides, in_process=False)  # the README's main command, through NeMo-Run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run_dir, metrics(run_dir), proc
+
+
+def test_main_command_is_a_nemo_run_experiment(learning_run):
+    run_dir, _, proc = learning_run
+    console = (proc.stdout + proc.stderr).splitlines()
+    assert len(console) < 40, console
+    assert re.search(r"^GRPO .* 40/40 reward \d\.\d{3}", proc.stdout, re.M), proc.stdout  # the bar, fed by metrics
+    assert re.search(r"^done: 40/40 steps in \d+ s; reward/mean [\d.]+ -> [\d.]+", proc.stdout, re.M)
+    exp_id = re.search(r"NeMo-Run experiment (grpo-tiny_\d+) \(local\)", proc.stdout).group(1)
+    task_log = Path(re.search(r"^task log: (\S+)$", proc.stdout, re.M).group(1))
+    assert f"run dir:  {run_dir}" in proc.stdout
+    # NeMo-Run's own commands know the run: its listing, its status and its copy of the task's output.
+    nemo = str(Path(sys.executable).with_name("nemo"))
+    asks = {
+        what: subprocess.Popen([nemo, "experiment", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, env=ENV)  # fmt: skip
+        for what, args in {
+            "list": ["list", "grpo-tiny"],
+            "status": ["status", exp_id],
+            "logs": ["logs", exp_id],
+        }.items()
+    }
+    out = {what: p.communicate(timeout=120)[0] for what, p in asks.items()}
+    assert exp_id in out["list"]
+    assert "Status: SUCCEEDED" in out["status"] and "LocalExecutor" in out["status"]
+    bar_lines = [line for line in out["logs"].splitlines() if "GRPO" in line and "40/40" in line]
+    assert bar_lines and all(line.startswith("train/0 ") for line in bar_lines), out["logs"][-2000:]
+    assert "40/40" in task_log.read_text()
 
 
 def test_reward_rises(learning_run):
-    _, rows = learning_run
+    _, rows, _ = learning_run
     rewards = [r["reward/mean"] for r in rows if "reward/mean" in r]
     assert len(rewards) == 40
     first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
@@ -51,7 +86,7 @@ def test_reward_rises(learning_run):
 
 
 def test_run_directory_and_metrics(learning_run):
-    run_dir, rows = learning_run
+    run_dir, rows, _ = learning_run
     assert (run_dir / "config.yaml").is_file()
     assert (run_dir / "hf_export" / "config.json").is_file()
     steps = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
@@ -162,7 +197,10 @@ def test_crashing_worker_ends_the_run_with_a_clear_error(tmp_path):
     weights = model / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated file
     started = time.monotonic()
-    proc = launch(f"run.dir={tmp_path / 'run'}", f"model.hf_path={model}")
-    assert proc.returncode != 0
+    # Through the launcher: the task's error comes back from its NeMo-Run log, in full, with its exit status.
+    proc = launch(f"run.dir={tmp_path / 'run'}", f"model.hf_path={model}", in_process=False)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]  # the task's own status
     assert "model.safetensors" in proc.stderr and "truncated or corrupted" in proc.stderr
+    assert proc.stderr.rstrip().endswith("error: the run failed (exit status 2); above, the end of its log")
+    assert "task log: " in proc.stdout
     assert time.monotonic() - started < 300

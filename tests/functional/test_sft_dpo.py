@@ -44,7 +44,7 @@ VOLATILE = ("time", "timing/", "throughput/", "memory/")
 def _compose(recipe: str, *overrides: str):
     from megatron_rl.config.compose import compose
 
-    return compose(recipe, ["logger.wandb=false", *overrides])
+    return compose(recipe, ["logger.wandb=false", *overrides], command=recipe.split("_")[0])
 
 
 def _train(rank: int, cfg: dict, model_dir: str, task_path: str):
@@ -207,7 +207,7 @@ def _cli(
     env.pop("RAY_ADDRESS", None)
     if ray_address:
         env["RAY_ADDRESS"] = ray_address
-    cmd = [sys.executable, "-m", "megatron_rl.launch", algo, *args]
+    cmd = [sys.executable, "-m", "megatron_rl.launch", algo, *args, "--in-process"]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 

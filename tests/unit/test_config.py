@@ -131,7 +131,7 @@ def test_run_directory_gets_the_resolved_config(tmp_path, monkeypatch):
     module.run = lambda cfg: seen.setdefault("cfg", cfg) and 0
     monkeypatch.setitem(sys.modules, "fake_algo", module)
     monkeypatch.setitem(ALGORITHMS, "grpo", "fake_algo:run")
-    assert main(["grpo", "conf=tiny", f"run.dir={tmp_path}", "run.steps=7"]) == 0
+    assert main(["grpo", "conf=tiny", f"run.dir={tmp_path}", "run.steps=7", "--in-process"]) == 0
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert saved["run"]["steps"] == 7 and saved["recipe"] == "tiny" and seen["cfg"].run.steps == 7
     assert not list(tmp_path.glob(".config.yaml.*"))  # written through a temp file, then renamed

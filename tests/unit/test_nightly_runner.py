@@ -147,6 +147,25 @@ def test_suite_with_failures_reports_each_and_keeps_going(make_suite, tmp_path):
     assert "id='low_reward'" in html and "expected &gt; 0.6" in html
 
 
+def test_local_entries_are_nemo_run_experiments(make_suite, tmp_path):
+    """Each local entry is a NeMo-Run experiment (the launcher's executor factory and task), which NeMo-Run's
+    own API finds by the id the report records; its output also lands in the run's launch.log."""
+    from megatron_rl.launch.executors import nemo_run
+
+    suite = make_suite([entry("ok", "ok"), entry("crash", "crash")])
+    report = tmp_path / "report"
+    assert main(["--suite", str(suite), "--report", str(report), "--poll-s", "0.1"]) == 1
+    data = json.loads((report / "report.json").read_text())
+    states = {}
+    for e in data["entries"]:
+        assert e["job_id"].startswith(f"nightly-{e['name']}_"), e["job_id"]
+        (task,) = nemo_run().Experiment.from_id(e["job_id"]).status(return_dict=True).values()
+        states[e["name"]] = task["status"].name
+        log = (report / "runs" / e["name"] / "launch.log").read_text()
+        assert log.startswith("$ ") and "step 5" in log
+    assert states == {"ok": "SUCCEEDED", "crash": "FAILED"}
+
+
 def test_metrics_file_torn_line_duplicates_and_non_numbers(tmp_path):
     path = tmp_path / "metrics.jsonl"
     rows = [
