@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from megatron_rl.config.schema import CHOICES, RANGES, ClusterConfig, Config
-from megatron_rl.config.search_path import NOT_GROUPS, dirs_text, find_yaml, search_dirs, yaml_names
+from megatron_rl.config.search_path import (
+    NOT_GROUPS,
+    dirs_text,
+    find_yaml,
+    search_dirs,
+    yaml_names,
+    yaml_problem,
+)
 from megatron_rl.errors import UserError
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
@@ -178,7 +185,7 @@ def apply_profile(cfg: Any, overrides: list[str]) -> None:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise UserError(f"Cluster profile {path} is not valid YAML: {exc}") from None
+        raise UserError(f"Cluster profile {path} is not valid YAML: {yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise UserError(f"Cluster profile {path} must be a mapping of cluster.* keys.")
     names = [f.name for f in fields(ClusterConfig)]
@@ -225,6 +232,7 @@ def compose(recipe: str, overrides: list[str] | None = None, command: str = "grp
     """Returns the validated OmegaConf config (attribute access) for `recipe` with `overrides` applied, for
     the CLI `command` (grpo, sft or dpo: it names the default run directory, runs/<command>/<run.name>).
     Recipes and groups come from MEGATRON_RL_CONF_DIR (if set), then from the package."""
+    import yaml
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
@@ -243,6 +251,8 @@ def compose(recipe: str, overrides: list[str] | None = None, command: str = "grp
             raw = hydra_compose(config_name=_primary_config(recipe, dirs[1:]), overrides=overrides)
     except (HydraException, OmegaConfBaseException) as exc:
         raise _composition_error(exc, recipe, given) from None
+    except yaml.YAMLError as exc:  # Hydra lets the parser's error through: a recipe or group file
+        raise UserError(f"Cannot compose recipe {recipe!r}: not valid YAML: {yaml_problem(exc)}") from None
     OmegaConf.set_struct(raw, False)
     raw.recipe, raw.command = recipe, command
     cfg = _merge_schema(raw, f"recipe {recipe!r}")

@@ -56,3 +56,16 @@ def find_yaml(dirs: list[Path], name: str) -> Path | None:
 def dirs_text(dirs: list[Path]) -> str:
     """The search path in words, for messages."""
     return " then ".join(str(d) for d in dirs)
+
+
+def yaml_problem(exc: Exception) -> str:
+    """A YAML parse error in one line: the file (when known), line and column, and what is wrong."""
+    problem = getattr(exc, "problem", None) or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    context = getattr(exc, "context", None)
+    what = f"{problem} ({context})" if context else problem
+    mark = getattr(exc, "problem_mark", None)
+    if mark is None:
+        return what
+    # A parsed string is named "<unicode string>": the caller names the file then.
+    name = "" if str(mark.name).startswith("<") else f"{mark.name}, "
+    return f"{name}line {mark.line + 1}, column {mark.column + 1}: {what}"

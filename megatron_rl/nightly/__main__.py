@@ -59,7 +59,8 @@ def _check_entries(entries: list[Entry], launcher: str, suite: Suite) -> None:
     for e in entries:
         if e.recipe is not None and e.recipe not in known:
             raise UserError(
-                f"suite file {suite.path}, entry {e.name!r}: unknown recipe {e.recipe!r} (known recipes: {', '.join(known)})."
+                f"suite file {suite.path}, entry {e.name!r}: unknown recipe {e.recipe!r} "
+                f"(known recipes: {', '.join(known)})."
             )
         if e.command is not None and launcher != "local":
             raise UserError(

@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from megatron_rl.config.search_path import dirs_text, find_yaml, search_dirs, yaml_names
+from megatron_rl.config.search_path import dirs_text, find_yaml, search_dirs, yaml_names, yaml_problem
 from megatron_rl.errors import UserError
 from megatron_rl.nightly.assertions import Assertion, parse_assertion
 
@@ -232,7 +232,7 @@ def load_suite(name_or_path: str) -> Suite:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise UserError(f"suite file {path} is not valid YAML: {exc}") from None
+        raise UserError(f"suite file {path} is not valid YAML: {yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise UserError(f"suite file {path} must hold a mapping with an `entries` list.")
     _check_keys(data, _TOP, f"suite file {path}")

@@ -40,7 +40,8 @@ def _run(argv: list, cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def venv(tmp_path_factory) -> Path:
-    """A fresh virtual environment with megatron-rl pip-installed (not editable) from a copy of the checkout."""
+    """A fresh virtual environment with megatron-rl pip-installed (not editable) from a copy of the
+    checkout."""
     tmp = tmp_path_factory.mktemp("install")
     src = tmp / "src"
     src.mkdir()
@@ -52,15 +53,18 @@ def venv(tmp_path_factory) -> Path:
     env_dir = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True, timeout=120)
     python = env_dir / "bin" / "python"
-    site = Path(_run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], tmp).stdout.strip())
+    site = Path(
+        _run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], tmp).stdout.strip()
+    )
     locked = {sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}
     (site / "locked_wheels.pth").write_text("".join(f"{p}\n" for p in sorted(locked)))
-    pip = _run(
-        [python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--ignore-installed", src],
-        tmp,
-    )
+    # --ignore-installed: pip sees the checkout's editable install through the .pth line and must leave it be.
+    flags = ["-q", "--no-deps", "--no-build-isolation", "--ignore-installed"]
+    pip = _run([python, "-m", "pip", "install", *flags, src], tmp)
     assert pip.returncode == 0, pip.stdout + pip.stderr
-    assert "project.license" not in pip.stderr  # setuptools' TOML-table deprecation is fixed
+    # The SPDX form of project.license (its TOML-table form is deprecated by setuptools).
+    (metadata,) = site.glob("megatron_rl-*.dist-info/METADATA")
+    assert "License-Expression: Apache-2.0" in metadata.read_text().splitlines()
     return env_dir
 
 
@@ -84,7 +88,9 @@ def test_the_package_comes_from_the_fresh_environment(venv, elsewhere):
     for path in (package, converters, conf_dir):
         assert Path(path).is_relative_to(venv) and not Path(path).is_relative_to(ROOT), path
     assert editable == "False"
-    assert (Path(conf_dir) / "tiny.yaml").is_file() and (Path(conf_dir) / "model" / "tiny_llama.yaml").is_file()
+    assert (Path(conf_dir) / "tiny.yaml").is_file() and (
+        Path(conf_dir) / "model" / "tiny_llama.yaml"
+    ).is_file()
     site = Path(conf_dir).parent
     assert (site / "launch" / "clusters" / "h100_example.yaml").is_file()
     assert (site / "nightly" / "suites" / "cpu_smoke.yaml").is_file()

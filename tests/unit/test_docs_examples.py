@@ -1,10 +1,10 @@
 """The documented commands run as documented.
 
-Every `python -m megatron_rl.launch ...` line in a fenced code block of README.md or docs/*.md that only plans,
-prints or renders (`plan`, `--cfg`, `--dry-run`, `--help`) runs here, in-process, and must exit with the status
-its trailing comment states: `# exit N` (no statement means 0), and every "double-quoted" text in that comment
-must appear in what the command prints. Commands that train or submit are not run; neither are synopses
-(`[--cfg]`, `conf=RECIPE`).
+Every `python -m megatron_rl.launch ...` line in a fenced code block of README.md or docs/*.md that only
+plans, prints or renders (`plan`, `--cfg`, `--dry-run`, `--help`) runs here, in-process, and must exit with
+the status its trailing comment states: `# exit N` (no statement means 0), and every "double-quoted" text in
+that comment must appear in what the command prints. Commands that train or submit are not run; neither are
+synopses (`[--cfg]`, `conf=RECIPE`).
 """
 
 from __future__ import annotations

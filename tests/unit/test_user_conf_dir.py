@@ -96,3 +96,23 @@ def test_help_says_where_user_recipes_go(user_dir, capsys):
     out = capsys.readouterr().out
     assert "MEGATRON_RL_CONF_DIR=DIR" in out and f"{user_dir} then {CONF_DIR}" in out
     assert "mine" in out.split("Recipes: ")[1].splitlines()[0]
+
+
+def test_malformed_yaml_is_one_line_naming_file_and_line(user_dir, capsys):
+    (user_dir / "broken.yaml").write_text("defaults: [schema, _self_]\nrun: {steps: 3\n")
+    (user_dir / "clusters").mkdir()
+    (user_dir / "clusters" / "site.yaml").write_text("account: [x\n")
+    (user_dir / "suites").mkdir()
+    (user_dir / "suites" / "bad.yaml").write_text("entries:\n  - name: [e1\n")
+    cases = [
+        (["grpo", "conf=broken", "--cfg"], f"not valid YAML: {user_dir / 'broken.yaml'}, line 3, column 1: "),
+        (
+            ["grpo", "conf=llama8b", "cluster.profile=site", "--cfg"],
+            "site.yaml is not valid YAML: line 2, column 1",
+        ),
+        (["nightly", "--suite", "bad", "--dry-run"], "bad.yaml is not valid YAML: line 3, column 1"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and err.startswith("error: ") and err.count("\n") == 1, err
