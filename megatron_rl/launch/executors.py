@@ -33,19 +33,16 @@ def nemo_run() -> Any:
 
 def cli_command(algo: str, recipe: str, overrides: list[str], python: str = sys.executable) -> list[str]:
     """The command a launched task runs: this CLI, same recipe and overrides, run in the task's own process
-    (`--in-process`) with the run directory made absolute (a task's working directory may differ)."""
+    (`--in-process`)."""
     return [python, "-m", "megatron_rl.launch", algo, f"conf={recipe}", *overrides, IN_PROCESS]
 
 
 def task_overrides(overrides: list[str], run_dir: str | Path) -> list[str]:
-    """The user's overrides minus the ones the launcher decides, plus the absolute run directory and the local
-    launcher (the task itself always runs in its own process, on Slurm on the Ray head node)."""
+    """The user's overrides minus the ones the launcher decides, plus the run directory made absolute (a
+    task's working directory may differ) and the local launcher (the task runs the training itself: here, or
+    on Slurm on the Ray head node)."""
     kept = [o for o in overrides if not o.lstrip("+").startswith(_LAUNCHER_KEYS)]
     return [*kept, f"run.dir={Path(run_dir).absolute()}", "cluster.launcher=local"]
-
-
-def describe(command: list[str]) -> str:
-    return shlex.join(command)
 
 
 def build_executor(

@@ -57,12 +57,15 @@ class TaskExperiment:
         self.title, self.command, self.executor = title, list(command), executor
         self.exp: Any = None
         self.returncode: int | None = None
-        self.cancelled = False
         self._finished = False
 
     @property
     def id(self) -> str:
         return self.exp._id
+
+    @property
+    def launched(self) -> bool:
+        return self.exp is not None and bool(self.exp.jobs) and bool(self.exp.jobs[0].handle)
 
     @property
     def job(self) -> Any:
@@ -123,9 +126,8 @@ class TaskExperiment:
 
     def cancel(self, grace_s: float = 10.0) -> None:
         """NeMo-Run's cancel (SIGTERM to the task's process group), then the rest of its session."""
-        if self.exp is None or self.returncode is not None:
+        if not self.launched or self.returncode is not None:
             return
-        self.cancelled = True
         proc = self._process()
         self.exp.cancel(self.job.id)
         kill_session(proc.pid, grace_s=grace_s)
@@ -136,10 +138,3 @@ class TaskExperiment:
         if self.exp is not None and not self._finished:
             self._finished = True
             self.exp.__exit__(None, None, None)
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from megatron_rl.launch.executors import build_executor, cli_command, describe, task_overrides
+from megatron_rl.launch.executors import build_executor, cli_command, task_overrides
 from megatron_rl.launch.experiment import TaskExperiment
 
 # The bar each command's driver shows, (title, fields); see megatron_rl/progress.py.
@@ -44,7 +45,7 @@ def dry_run(cfg: Any, algo: str, overrides: list[str]) -> int:
     sys.stdout.write(
         "#!/bin/bash\n"
         f"# cluster.launcher=local: NeMo-Run experiment {experiment_title(algo, cfg)!r} on its LocalExecutor;\n"
-        "# its one task runs:\n" + describe(command) + "\n"
+        "# its one task runs:\n" + shlex.join(command) + "\n"
     )
     print(f"[dry-run] {algo} conf={cfg.recipe}: nothing run", file=sys.stderr)
     return 0
@@ -134,11 +135,12 @@ def run(cfg: Any, algo: str, overrides: list[str]) -> int:
     follower = MetricsFollower(run_dir / "metrics.jsonl")
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cancels like Ctrl-C
     started = time.monotonic()
-    task.start()
-    print(f"{algo} conf={cfg.recipe}: NeMo-Run experiment {task.id} (local), run dir {run_dir}", flush=True)
     rc: int | None = None
-    echo = LogEcho(task.log_path) if console.verbose() else None
+    echo = None
     try:
+        task.start()
+        print(f"{algo} conf={cfg.recipe}: NeMo-Run experiment {task.id} (local), run dir {run_dir}", flush=True)
+        echo = LogEcho(task.log_path) if console.verbose() else None
         with step_progress(title, cfg.run.steps, 0, fields, enabled=echo is None) as bar:
             while rc is None:
                 rc = task.poll()
@@ -156,6 +158,8 @@ def run(cfg: Any, algo: str, overrides: list[str]) -> int:
         task.finish()
         signal.signal(signal.SIGTERM, previous)
     wall = time.monotonic() - started
+    if not task.launched:
+        return rc or 130
     home = os.path.join(nemorun_home(), "experiments")
     if rc == 0:
         steps = max((int(r.get("step", 0)) for r in follower.rows), default=0)

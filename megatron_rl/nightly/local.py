@@ -3,12 +3,13 @@ factory the CLI uses), its output copied into <run>/launch.log as it comes."""
 
 from __future__ import annotations
 
+import shlex
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_rl.launch.executors import build_executor, cli_command, describe
+from megatron_rl.launch.executors import build_executor, cli_command
 from megatron_rl.launch.experiment import TaskExperiment
 from megatron_rl.nightly.suite import Entry
 
@@ -48,12 +49,12 @@ class LocalRun:
 
     def describe(self) -> str:
         where = f"NeMo-Run experiment {self.job_id}: " if self.job_id else ""
-        return where + describe(local_command(self.entry, self.run_dir))
+        return where + shlex.join(local_command(self.entry, self.run_dir))
 
     def start(self) -> Outcome | None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         command = local_command(self.entry, self.run_dir)
-        self.log_path.write_text(f"$ {describe(command)}\n")
+        self.log_path.write_text(f"$ {shlex.join(command)}\n")
         executor = build_executor("local", env={"PYTHONUNBUFFERED": "1", **self.env})
         self.task = TaskExperiment(f"nightly-{self.entry.name}", command, executor)
         try:
