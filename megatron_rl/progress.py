@@ -26,6 +26,20 @@ from rich.progress import (
 )
 
 STEP_SECONDS = "timing/step_s"
+# Each training command's bar: its title and (label, metric key, format spec) fields. The drivers show it
+# in-process; the launcher shows the same bar from the run's metrics.jsonl.
+BARS: dict[str, tuple[str, tuple[tuple[str, str, str], ...]]] = {
+    "grpo": ("GRPO", (("reward", "reward/mean", ".3f"),)),
+    "sft": ("SFT", (("loss", "train/loss", ".4g"), ("val", "val/loss", ".4g"))),
+    "dpo": (
+        "DPO",
+        (
+            ("loss", "train/loss", ".4g"),
+            ("acc", "train/accuracy", ".4g"),
+            ("margin", "train/rewards/margin", ".4g"),
+        ),
+    ),
+}
 _MISSING = "-"
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from megatron_rl.dpo.loss import SUM_KEYS, dpo_with_sums, summarize
 from megatron_rl.dtypes import precision
 from megatron_rl.errors import UserError
+from megatron_rl.progress import BARS
 from megatron_rl.training.loop import RankContext, launch
 from megatron_rl.training.sources import setting
 
@@ -24,14 +25,9 @@ def run(cfg: Any) -> int:
 
 class DPOTask:
     kind = "dpo"
-    title = "DPO"
+    title, bar_fields = BARS["dpo"]
     rows = 2  # chosen and rejected always share a micro-batch
     packing = True
-    bar_fields = (
-        ("loss", "train/loss", ".4g"),
-        ("acc", "train/accuracy", ".4g"),
-        ("margin", "train/rewards/margin", ".4g"),
-    )
 
     @staticmethod
     def val_settings(cfg: Any) -> tuple[int, float]:

@@ -14,7 +14,7 @@ from megatron_rl.generation.base import token_mult_prob_error
 from megatron_rl.grpo import rollout
 from megatron_rl.grpo.setup import build_engine, build_policy
 from megatron_rl.models.starting_model import prepare_model
-from megatron_rl.progress import step_progress
+from megatron_rl.progress import BARS, step_progress
 from megatron_rl.ray_utils import init_ray
 from megatron_rl.training.run_dir import RunDir
 
@@ -51,7 +51,8 @@ def run(cfg: Any) -> int:
         data.load_state_dict(state["data"])
         engine.refit_from(policy, version=start)
     run_dir.start_logging(start if ckpt is not None else -1)
-    with step_progress("GRPO", cfg.run.steps, start, [("reward", "reward/mean", ".3f")]) as bar:
+    title, fields = BARS["grpo"]
+    with step_progress(title, cfg.run.steps, start, fields) as bar:
         if start == 0 and cfg.run.eval_every:
             run_dir.log(0, rollout.evaluate(engine, eval_items, env, cfg.generation, cfg.run.eval_samples))
         for step in range(start + 1, cfg.run.steps + 1):

@@ -123,7 +123,9 @@ def run(argv: list[str]) -> int:
     if "--dry-run" in flags or "--in-process" not in flags:
         from megatron_rl.launch import local
 
-        return local.dry_run(cfg, algo, overrides) if "--dry-run" in flags else local.run(cfg, algo, overrides)
+        if "--dry-run" in flags:
+            return local.dry_run(cfg, algo, overrides)
+        return local.run(cfg, algo, overrides)
     entry = _entry(algo)
     save_resolved(cfg, cfg.run.dir)
     return int(entry(cfg) or 0)

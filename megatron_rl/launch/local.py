@@ -14,18 +14,13 @@ import shlex
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from megatron_rl.launch.executors import build_executor, cli_command, task_overrides
 from megatron_rl.launch.experiment import TaskExperiment
 
-# The bar each command's driver shows, (title, fields); see megatron_rl/progress.py.
-BARS: dict[str, tuple[str, list[tuple[str, str, str]]]] = {
-    "grpo": ("GRPO", [("reward", "reward/mean", ".3f")]),
-    "sft": ("SFT", [("loss", "train/loss", ".4g")]),
-    "dpo": ("DPO", [("loss", "train/loss", ".4g")]),
-}
 POLL_S = 0.5
 
 
@@ -99,7 +94,7 @@ class LogEcho:
         sys.stdout.flush()
 
 
-def _summary(rows: list[dict], fields: list[tuple[str, str, str]]) -> str:
+def _summary(rows: list[dict], fields: Sequence[tuple[str, str, str]]) -> str:
     parts = []
     for _, key, spec in fields:
         values = [r[key] for r in rows if isinstance(r.get(key), int | float)]
@@ -126,12 +121,12 @@ def run(cfg: Any, algo: str, overrides: list[str]) -> int:
     """Launches and follows the run; returns the exit status the CLI exits with."""
     from megatron_rl import console
     from megatron_rl.nightly.metrics import log_tail
-    from megatron_rl.progress import step_progress
+    from megatron_rl.progress import BARS, step_progress
 
     run_dir = Path(cfg.run.dir).absolute()
     command = cli_command(algo, cfg.recipe, task_overrides(overrides, run_dir))
     task = TaskExperiment(experiment_title(algo, cfg), command, build_executor("local", cfg))
-    title, fields = BARS[algo]
+    title, fields = BARS[algo]  # the bar the run's driver shows in-process
     follower = MetricsFollower(run_dir / "metrics.jsonl")
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cancels like Ctrl-C
     started = time.monotonic()
@@ -139,7 +134,9 @@ def run(cfg: Any, algo: str, overrides: list[str]) -> int:
     echo = None
     try:
         task.start()
-        print(f"{algo} conf={cfg.recipe}: NeMo-Run experiment {task.id} (local), run dir {run_dir}", flush=True)
+        print(
+            f"{algo} conf={cfg.recipe}: NeMo-Run experiment {task.id} (local), run dir {run_dir}", flush=True
+        )
         echo = LogEcho(task.log_path) if console.verbose() else None
         with step_progress(title, cfg.run.steps, 0, fields, enabled=echo is None) as bar:
             while rc is None:

@@ -74,7 +74,9 @@ class Scheduler:
         out = io.StringIO()
         try:
             cfg, overrides = _composed(entry, run_dir)
-            out.write(f"$ python -m megatron_rl.launch {entry.algo} conf={entry.recipe} {shlex.join(overrides)}\n")
+            out.write(
+                f"$ python -m megatron_rl.launch {entry.algo} conf={entry.recipe} {shlex.join(overrides)}\n"
+            )
             with redirect_stdout(out), redirect_stderr(out):
                 submit(cfg, entry.algo, overrides, dry_run=False)
         except UserError as exc:

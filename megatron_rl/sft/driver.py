@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from megatron_rl.progress import BARS
 from megatron_rl.training.loop import RankContext, launch
 
 
@@ -20,10 +21,9 @@ def run(cfg: Any) -> int:
 
 class SFTTask:
     kind = "sft"
-    title = "SFT"
+    title, bar_fields = BARS["sft"]
     rows = 1
     sum_keys: tuple[str, ...] = ()
-    bar_fields = (("loss", "train/loss", ".4g"), ("val", "val/loss", ".4g"))
 
     @staticmethod
     def val_settings(cfg: Any) -> tuple[int, float]:
