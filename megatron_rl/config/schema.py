@@ -211,6 +211,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "run.checkpoint_every": (0, None),  # 0: only the final checkpoint
     "run.keep_last": (1, None),
     "run.eval_samples": (0, None),
+    "data.val_size": (0, None),
     "policy.micro_batch_tokens": (1, None),
     "policy.max_seq_len": (1, None),
     "policy.optim.lr": (0, None),

@@ -90,8 +90,8 @@ def check_owner(path: str | Path, command: str) -> None:
         ) from None
     if owner is not None and owner != command:
         raise UserError(
-            f"Run directory {path} belongs to a {owner} run (its config.yaml says command: {owner}); a "
-            f"{command} run cannot resume it. Choose another run.dir or run.name."
+            f"Run directory {path} belongs to a `{owner}` run (its config.yaml says command: {owner}); "
+            f"`{command}` cannot resume it. Choose another run.dir or run.name."
         )
 
 

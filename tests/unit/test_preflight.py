@@ -131,7 +131,7 @@ def test_a_run_directory_belongs_to_its_command(workdir, capsys):
     before = (run / "config.yaml").read_text()
     line = _fail(capsys, ["sft", "conf=sft_tiny", f"run.dir={run}"])
     assert line == (
-        f"error: Run directory {run} belongs to a grpo run (its config.yaml says command: grpo); a sft run "
+        f"error: Run directory {run} belongs to a `grpo` run (its config.yaml says command: grpo); `sft` "
         "cannot resume it. Choose another run.dir or run.name."
     )
     assert (run / "config.yaml").read_text() == before and {p.name for p in run.iterdir()} == {"config.yaml"}
