@@ -108,7 +108,7 @@ def logs_line(run_path: str | Path) -> str | None:
     console then). A parent that only follows a run (the NeMo-Run launcher) prints this itself."""
     if verbose():
         return None
-    return f"logs: {logs_of(run_path).resolve()}/ (engine, policy ranks, workers; --verbose shows them here)"
+    return f"logs: {logs_of(run_path).resolve()}/ (each worker's output; --verbose shows it on the console)"
 
 
 def actor_env() -> dict[str, str]:
@@ -185,8 +185,8 @@ def log_hint(path: Path | None, tail_lines: int = 0) -> str:
     process that died without an exception, the cause is only there)."""
     if path is None:
         folder = log_dir()
-        return f" Worker logs: {folder}/" if folder is not None else ""
-    hint = f" Its log: {path}"
+        return f"; worker logs: {folder}/" if folder is not None else ""
+    hint = f"; its log: {path}"
     if tail_lines and path.is_file():
         lines = path.read_text(errors="replace").splitlines()[-tail_lines:]
         hint += "; its last lines:\n" + "\n".join(f"  {ln}" for ln in lines)

@@ -67,7 +67,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple, results: Any) -> None:
+def _worker(
+    fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple, results: Any, log_name: str | None
+) -> None:
+    if log_name:
+        from megatron_rl import console
+
+        console.redirect_to_log(f"{log_name}_rank{rank}")
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -99,14 +105,17 @@ class SpawnError(RuntimeError):
     """A spawned rank failed; the message holds its traceback."""
 
 
-def spawn(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 900) -> list[Any]:
+def spawn(
+    fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 900, log_name: str | None = None
+) -> list[Any]:
     """Runs fn(rank, *args) in `world_size` fresh processes (a local gloo/nccl world) and returns each rank's
-    return value. A failing rank stops the others and raises SpawnError with its traceback; no hangs."""
+    return value. A failing rank stops the others and raises SpawnError with its traceback; no hangs.
+    With `log_name`, a rank's output goes to the run's `logs/<log_name>_rank<r>.log` (megatron_rl.console)."""
     ctx = torch.multiprocessing.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_worker, args=(fn, rank, world_size, port, args, results), daemon=False)
+        ctx.Process(target=_worker, args=(fn, rank, world_size, port, args, results, log_name), daemon=False)
         for rank in range(world_size)
     ]
     for p in procs:
@@ -122,6 +131,7 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float 
                 if dead:
                     raise SpawnError(
                         f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode}"
+                        + _log_hint(log_name, dead[0])
                     ) from None
                 if _now() > deadline:
                     raise SpawnError(f"spawned world did not finish within {timeout_s:.0f} s") from None
@@ -140,6 +150,16 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float 
                 p.terminate()
                 p.join(timeout=5)
     return [outputs[r] for r in range(world_size)]
+
+
+def _log_hint(log_name: str | None, rank: int) -> str:
+    """Where a dead rank's last words are (its traceback or a C++ abort never reached the queue)."""
+    from megatron_rl import console
+
+    folder = console.log_dir()
+    if not log_name or folder is None:
+        return ""
+    return console.log_hint(folder / f"{log_name}_rank{rank}.log", tail_lines=15)
 
 
 def _now() -> float:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from megatron_rl import platform
+from megatron_rl import console, platform
 from megatron_rl.generation import transports
 from megatron_rl.generation.base import (
     EngineSettings,
@@ -29,7 +29,7 @@ from megatron_rl.generation.base import (
     SamplingSettings,
 )
 from megatron_rl.generation.vllm_engine import VLLMEngine, check_model_dir
-from megatron_rl.ray_utils import gather, remote_class
+from megatron_rl.ray_utils import actor_env, gather, remote_class
 
 # glibc returns large freed blocks to the OS and faults fresh pages in on the next allocation. A CPU refit
 # re-materialises every layer each time, so that churn is a large share of a refit's CPU time (figures in
@@ -39,6 +39,11 @@ CPU_ENGINE_ENV = {"MALLOC_MMAP_THRESHOLD_": str(4 << 30), "MALLOC_TRIM_THRESHOLD
 
 class EngineActor(VLLMEngine):
     """The engine as a Ray actor: adds where it runs, for choosing a transport."""
+
+    def __init__(self, model_dir: str, settings: EngineSettings) -> None:
+        # First of all: vLLM's chatter, C++ included, goes to <run>/logs/engine.log.
+        console.redirect_to_log("engine")
+        super().__init__(model_dir, settings)
 
     def start(self) -> dict[str, Any]:
         import ray
@@ -66,6 +71,8 @@ class EngineClient(GenerationEngine):
         cls = remote_class(EngineActor)
         # glibc reads these at process start, hence the actor's runtime env (a user's own values win).
         env = {} if self.on_gpu else {k: os.environ.get(k, v) for k, v in CPU_ENGINE_ENV.items()}
+        if env:  # a runtime env of the actor's own replaces remote_class's: the console settings come along
+            env |= actor_env()
         options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus}
         if env:
             options["runtime_env"] = {"env_vars": env}

@@ -6,6 +6,7 @@ import time
 from contextlib import contextmanager
 from typing import Any
 
+from megatron_rl import console
 from megatron_rl.algorithms.registry import get_advantage
 from megatron_rl.config.schema import world_size
 from megatron_rl.data.prompts import build_prompt_splits
@@ -31,6 +32,7 @@ def run(cfg: Any) -> int:
     from transformers import AutoTokenizer
 
     run_dir = RunDir(cfg)
+    console.use_run_dir(run_dir.path)  # before Ray starts: its workers inherit where their logs go
     init_ray(num_cpus=max(2, int(world_size(cfg) * cfg.cluster.cpus_per_rank) + 1))
     model_dir = prepare_model(cfg, run_dir.path)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code)

@@ -61,4 +61,6 @@ def sft_warm_start(
     hf_dir: str | Path, out_dir: str | Path, steps: int, arithmetic: dict[str, Any], lr: float = 1e-3
 ) -> float:
     """Returns the final SFT loss; the warmed-up model is written to `out_dir`."""
-    return distributed.spawn(_train, 1, str(hf_dir), str(out_dir), steps, arithmetic, lr)[0]
+    return distributed.spawn(
+        _train, 1, str(hf_dir), str(out_dir), steps, arithmetic, lr, log_name="warm_start"
+    )[0]

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_rl import distributed, platform
+from megatron_rl import console, distributed, platform
 from megatron_rl.dtypes import precision
 from megatron_rl.training.batching import check_batch_size
 from megatron_rl.training.checkpoints import CheckpointManager, capture_rng, restore_rng
@@ -64,6 +64,7 @@ def launch(cfg: Any, task_cls: type) -> int:
     check_batch_size(cfg[task_cls.kind].batch_size, dp, f"{task_cls.kind}.batch_size")
     task_cls.check_config(cfg)
     run_dir = RunDir(cfg)
+    console.use_run_dir(run_dir.path)
     resume = run_dir.should_resume()
     model_dir = prepare_model(cfg, run_dir.path)
     load_examples(cfg, _tokenizer(cfg, model_dir), task_cls.kind, task_cls.val_settings(cfg)[1])
@@ -78,6 +79,7 @@ def launch(cfg: Any, task_cls: type) -> int:
         task_cls,
         gpus_per_rank=1 if cfg.cluster.gpus_per_node else 0,
         cpus_per_rank=cfg.cluster.cpus_per_rank,
+        log_name=task_cls.kind,
     )
     return 0
 
@@ -247,7 +249,11 @@ class _Trainer:
         val_every = task.val_every if self.val_rows else 0
         bar_on = log is not None
         try:
-            with step_progress(task.title, cfg.run.steps, start, task.bar_fields, enabled=bar_on) as bar:
+            # On the console this rank started with: its own output goes to its log (megatron_rl.console).
+            terminal = console.terminal() if bar_on else None
+            with step_progress(
+                task.title, cfg.run.steps, start, task.bar_fields, console=terminal, enabled=bar_on
+            ) as bar:
                 if start == 0 and val_every:
                     record(0, self._validate())
                 for step in range(start + 1, cfg.run.steps + 1):
