@@ -26,15 +26,13 @@ LOG_DIR_ENV = "MEGATRON_RL_LOG_DIR"
 LOGS = "logs"  # the folder of a run directory that holds the worker logs
 _HEADER = "#### megatron-rl worker log"
 
-# Import-time warnings about intended fallbacks on a machine without Transformer Engine / apex / Triton.
+# Import-time warnings about intended fallbacks on a machine without Transformer Engine or apex.
 _EXPECTED_WARNINGS = (
     r"Transformer Engine and Apex are not installed",
-    r"Apex is not installed",
-    r"Transformer Engine is not installed",
-    r".*`torch\.distributed\.reduce_op` is deprecated",
+    r"Apex is not installed\. Falling back to Torch Norm",
 )
 
-_state: dict[str, Any] = {"terminal_fd": None, "run_path": None, "started": None, "announced": set()}
+_state: dict[str, Any] = {"terminal_fd": None, "announced": set()}
 
 
 def verbose() -> bool:
@@ -52,7 +50,8 @@ def configure(verbose_flag: bool = False) -> None:
 
 def quiet_controller() -> None:
     """Silences what the controller process would print without meaning anything to the user: expected
-    fallback warnings, Ray's startup line, Hugging Face progress bars, wandb's banner and run summary."""
+    fallback warnings, Hugging Face progress bars, wandb's banner and run summary (Ray's startup line:
+    `ray_logging_level`, which init_ray applies)."""
     for message in _EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
     # Read when these libraries are imported; a user's own setting wins.
@@ -89,7 +88,6 @@ def logs_of(run_path: str | Path) -> Path:
 def use_run_dir(run_path: str | Path) -> Path | None:
     """Called by a command's controller once its run directory exists: workers started from now on write to
     `<run>/logs/`, and the console says so once. Returns the logs folder (None when verbose)."""
-    _state["run_path"], _state["started"] = Path(run_path), time.perf_counter()
     if verbose():
         os.environ.pop(LOG_DIR_ENV, None)
         return None
