@@ -73,6 +73,30 @@ def test_main_command_is_a_nemo_run_experiment(learning_run):
     assert "40/40" in task_log.read_text()
 
 
+def test_engine_and_worker_output_goes_to_the_run_logs(learning_run):
+    """The console stays short because every worker writes to <run>/logs/: vLLM's chatter is there, neither on
+    the console nor in the task's own log, which says once where the logs are."""
+    run_dir, _, proc = learning_run
+    logs = (run_dir / "logs").resolve()
+    expected = {"engine.log", "policy_rank0.log", "policy_rank1.log", "warm_start_rank0.log"}
+    assert expected <= {p.name for p in logs.iterdir()}
+    engine = (logs / "engine.log").read_text()
+    assert "Initializing a V1 LLM engine" in engine and engine.count(" INFO ") > 10, engine[-2000:]
+    task_log = Path(re.search(r"^task log: (\S+)$", proc.stdout, re.M).group(1)).read_text()
+    for shown in (proc.stdout + proc.stderr, task_log):
+        assert "Initializing a V1 LLM engine" not in shown and "non-default args" not in shown
+    assert [line for line in task_log.splitlines() if f"logs: {logs}/" in line], task_log[-2000:]
+
+
+def assert_quiet_console(proc: subprocess.CompletedProcess, run_dir: Path) -> None:
+    """An in-process run's console: the logs folder once and the bar, no engine or worker chatter."""
+    lines = (proc.stdout + proc.stderr).splitlines()
+    assert len(lines) < 40, lines
+    assert sum(line.startswith(f"logs: {run_dir.resolve() / 'logs'}/") for line in lines) == 1, lines
+    assert any(line.startswith("GRPO ") for line in lines), lines
+    assert "Initializing a V1 LLM engine" not in proc.stdout + proc.stderr
+
+
 def test_reward_rises(learning_run):
     _, rows, _ = learning_run
     rewards = [r["reward/mean"] for r in rows if "reward/mean" in r]
@@ -127,6 +151,7 @@ def test_resume_continues_exactly(tmp_path):
     assert launch(f"run.dir={straight}", "run.steps=4", *common).returncode == 0
     first = launch(f"run.dir={split}", "run.steps=2", *common)
     assert first.returncode == 0, first.stderr[-2000:]
+    assert_quiet_console(first, split)
     second = launch(f"run.dir={split}", "run.steps=4", *common)
     assert second.returncode == 0, second.stderr[-2000:]
 
@@ -204,3 +229,39 @@ def test_crashing_worker_ends_the_run_with_a_clear_error(tmp_path):
     assert proc.stderr.rstrip().endswith("error: the run failed (exit status 2); above, the end of its log")
     assert "task log: " in proc.stdout
     assert time.monotonic() - started < 300
+
+
+def test_ctrl_c_cancels_the_experiment_and_everything_it_started(tmp_path):
+    import psutil
+
+    from megatron_rl.launch.executors import nemo_run
+
+    run_dir = tmp_path / "run"
+    parent = subprocess.Popen(
+        [*CLI, f"run.dir={run_dir}", "run.steps=1000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env=ENV,
+    )  # fmt: skip
+    exp_id = re.search(r"NeMo-Run experiment (\S+) \(local\)", parent.stdout.readline()).group(1)
+    deadline = time.monotonic() + 120
+    while not (run_dir / "config.yaml").exists() and time.monotonic() < deadline:  # the task is running
+        time.sleep(0.2)
+    (task,) = [
+        p for p in psutil.process_iter(["cmdline"])
+        if "--in-process" in (p.info["cmdline"] or []) and f"run.dir={run_dir}" in p.info["cmdline"]
+    ]  # fmt: skip
+    time.sleep(3)  # into its start: Ray and its workers come up in the task's session
+    parent.send_signal(signal.SIGINT)
+    out, err = parent.communicate(timeout=120)
+    assert parent.returncode == 130, err[-2000:]
+    assert "interrupted: cancelling the experiment" in err and f"nemo experiment logs {exp_id}" in out
+    (state,) = nemo_run().Experiment.from_id(exp_id).status(return_dict=True).values()
+    assert state["status"].name == "CANCELLED"
+    left = [p.pid for p in psutil.process_iter() if p.is_running() and _sid(p.pid) == task.pid]
+    assert left == [], left
+
+
+def _sid(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
