@@ -29,7 +29,9 @@ ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "WANDB_MODE": "offline", "WAND
 def launch(*overrides: str, timeout: int = 600, in_process: bool = True) -> subprocess.CompletedProcess:
     """The CLI; `in_process=False` is the user's command: a NeMo-Run experiment whose task runs the CLI."""
     flags = ["--in-process"] if in_process else []
-    return subprocess.run([*CLI, *overrides, *flags], capture_output=True, text=True, timeout=timeout, env=ENV)
+    return subprocess.run(
+        [*CLI, *overrides, *flags], capture_output=True, text=True, timeout=timeout, env=ENV
+    )
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -49,7 +51,8 @@ def test_main_command_is_a_nemo_run_experiment(learning_run):
     run_dir, _, proc = learning_run
     console = (proc.stdout + proc.stderr).splitlines()
     assert len(console) < 40, console
-    assert re.search(r"^GRPO .* 40/40 reward \d\.\d{3}", proc.stdout, re.M), proc.stdout  # the bar, fed by metrics
+    bar = re.search(r"^GRPO .* 40/40 reward \d\.\d{3}", proc.stdout, re.M)  # the bar, fed by metrics.jsonl
+    assert bar, proc.stdout
     assert re.search(r"^done: 40/40 steps in \d+ s; reward/mean [\d.]+ -> [\d.]+", proc.stdout, re.M)
     exp_id = re.search(r"NeMo-Run experiment (grpo-tiny_\d+) \(local\)", proc.stdout).group(1)
     task_log = Path(re.search(r"^task log: (\S+)$", proc.stdout, re.M).group(1))
@@ -57,8 +60,9 @@ def test_main_command_is_a_nemo_run_experiment(learning_run):
     # NeMo-Run's own commands know the run: its listing, its status and its copy of the task's output.
     nemo = str(Path(sys.executable).with_name("nemo"))
     asks = {
-        what: subprocess.Popen([nemo, "experiment", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, env=ENV)  # fmt: skip
+        what: subprocess.Popen(
+            [nemo, "experiment", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV
+        )
         for what, args in {
             "list": ["list", "grpo-tiny"],
             "status": ["status", exp_id],
