@@ -101,30 +101,6 @@ def assert_quiet_console(proc: subprocess.CompletedProcess, run_dir: Path) -> No
     assert "Initializing a V1 LLM engine" not in proc.stdout + proc.stderr
 
 
-def test_engine_and_worker_output_goes_to_the_run_logs(learning_run):
-    """The console stays short because every worker writes to <run>/logs/: vLLM's chatter is there, neither on
-    the console nor in the task's own log, which says once where the logs are."""
-    run_dir, _, proc = learning_run
-    logs = (run_dir / "logs").resolve()
-    expected = {"engine.log", "policy_rank0.log", "policy_rank1.log", "warm_start_rank0.log"}
-    assert expected <= {p.name for p in logs.iterdir()}
-    engine = (logs / "engine.log").read_text()
-    assert "Initializing a V1 LLM engine" in engine and engine.count(" INFO ") > 10, engine[-2000:]
-    task_log = Path(re.search(r"^task log: (\S+)$", proc.stdout, re.M).group(1)).read_text()
-    for shown in (proc.stdout + proc.stderr, task_log):
-        assert "Initializing a V1 LLM engine" not in shown and "non-default args" not in shown
-    assert [line for line in task_log.splitlines() if f"logs: {logs}/" in line], task_log[-2000:]
-
-
-def assert_quiet_console(proc: subprocess.CompletedProcess, run_dir: Path) -> None:
-    """An in-process run's console: the logs folder once and the bar, no engine or worker chatter."""
-    lines = (proc.stdout + proc.stderr).splitlines()
-    assert len(lines) < 40, lines
-    assert sum(line.startswith(f"logs: {run_dir.resolve() / 'logs'}/") for line in lines) == 1, lines
-    assert any(line.startswith("GRPO ") for line in lines), lines
-    assert "Initializing a V1 LLM engine" not in proc.stdout + proc.stderr
-
-
 def test_reward_rises(learning_run):
     _, rows, _ = learning_run
     rewards = [r["reward/mean"] for r in rows if "reward/mean" in r]
@@ -179,7 +155,6 @@ def test_resume_continues_exactly(tmp_path):
     assert launch(f"run.dir={straight}", "run.steps=4", *common).returncode == 0
     first = launch(f"run.dir={split}", "run.steps=2", *common)
     assert first.returncode == 0, first.stderr[-2000:]
-    assert_quiet_console(first, split)
     assert_quiet_console(first, split)
     second = launch(f"run.dir={split}", "run.steps=4", *common)
     assert second.returncode == 0, second.stderr[-2000:]
