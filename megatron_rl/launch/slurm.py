@@ -79,7 +79,10 @@ def build_request(cfg: Any, algo: str, overrides: list[str]) -> Any:
             'export MRL_HEAD_IP="${head_node_ip%% *}"',
         ]
     )
-    executor = build_executor("slurm", cfg, setup_lines=setup_lines)
+    from megatron_rl import console
+
+    verbose = {console.VERBOSE_ENV: "1"} if console.verbose() else None  # --verbose holds in the job too
+    executor = build_executor("slurm", cfg, env=verbose, setup_lines=setup_lines)
     return SlurmBatchRequest(
         launch_cmd=["sbatch", "--parsable"],
         jobs=[f"{algo}-{cfg.run.name}"],

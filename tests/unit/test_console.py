@@ -122,7 +122,17 @@ def test_a_workers_log_is_found_by_pid_or_actor_and_its_tail_shown(tmp_path, mon
     assert console.find_log(pid=7) == tmp_path / "policy_rank0.log"
     assert console.find_log(pid=4) is None  # "pid=4" must not match "pid=42"
     hint = console.log_hint(console.find_log(pid=42), tail_lines=3)
-    assert f"Its log: {tmp_path / 'engine.log'}" in hint
+    assert hint.startswith(f"; its log: {tmp_path / 'engine.log'}; its last lines:")
     assert hint.splitlines()[-1].strip() == "Fatal Python error: Segmentation fault"
     assert "line 27" not in hint and "line 29" in hint
-    assert console.log_hint(None) == f" Worker logs: {tmp_path}/"
+    assert console.log_hint(None) == f"; worker logs: {tmp_path}/"
+
+
+def test_verbose_reaches_a_slurm_job(monkeypatch, capsys):
+    from megatron_rl.launch.__main__ import main
+
+    monkeypatch.delenv(console.VERBOSE_ENV, raising=False)  # restored after the test: main() sets it
+    assert main(["grpo", "conf=llama70b", "--dry-run"]) == 0
+    assert console.VERBOSE_ENV not in capsys.readouterr().out
+    assert main(["grpo", "conf=llama70b", "--dry-run", "--verbose"]) == 0
+    assert f"export {console.VERBOSE_ENV}=1" in capsys.readouterr().out
