@@ -42,6 +42,7 @@ def dry_run(cfg: Any, algo: str, overrides: list[str]) -> int:
         f"# cluster.launcher=local: NeMo-Run experiment {experiment_title(algo, cfg)!r} on its LocalExecutor;\n"
         "# its one task runs:\n" + shlex.join(command) + "\n"
     )
+    sys.stdout.flush()
     print(f"[dry-run] {algo} conf={cfg.recipe}: nothing run", file=sys.stderr)
     return 0
 
