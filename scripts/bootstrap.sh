@@ -21,7 +21,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   quiet() { "$@" 2>&1 | { grep -v "^WARNING: Location 'file:" || true; }; }
   quiet .venv/bin/python -m pip install -q --upgrade pip
   quiet .venv/bin/python -m pip install -q --no-deps -r "$lock"
-  quiet .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+  # (setuptools' "Editable installation" notice is a warning to the build backend: not for this console.)
+  PYTHONWARNINGS=ignore quiet .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
   echo "$want" > "$stamp"
 else
   echo "[bootstrap] .venv is up to date" >&2
