@@ -1,14 +1,16 @@
-"""Trainer-side refit transports: they cut a (hf_name, tensor) stream into buckets and move each bucket into
-the engine actor, which loads it (worker_ops.py) while the next one is prepared.
+"""Trainer-side refit transports: each moves one packed bucket into a set of engine actors, which load it
+(worker_ops.py) while the next one is prepared. fanout.py drives them: one export, one pass over the buckets,
+every engine served from the same packed buffer.
 
 - shm: a fixed set of shared-memory slot files under /dev/shm, each holding one bucket as a safetensors
-  file. The files live as long as the sender, so their pages are allocated once and reused by every refit.
-- cuda_ipc: the same slots as CUDA buffers; the engine (same GPU) opens them from IPC handles, no host copy.
-- broadcast: a two-party (trainer rank 0 + engine workers) gloo or NCCL group built from a TCP store,
-  independent of either side's default process group; each tensor is broadcast straight from its memory.
+  file that every engine on the node maps and loads. The files live as long as the sender, so their pages
+  are allocated once and reused by every refit.
+- cuda_ipc: the same slots as CUDA buffers; the engines on the sender's GPU open them from one IPC handle.
+- broadcast: one gloo or NCCL group (trainer rank 0 + every engine's workers) built from a TCP store,
+  independent of either side's default process group; each tensor is broadcast once, straight from memory.
 
-A sender is cached per (engine, transport) in the process that sends, so a policy rank that refits every
-step keeps its slots and its group.
+A sender is cached per (transport, set of engines) in the process that sends, so a policy rank that refits
+every step keeps its slots and its group.
 """
 
 from __future__ import annotations
@@ -20,10 +22,8 @@ import os
 import shutil
 import socket
 import tempfile
-import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -38,65 +38,20 @@ _MB = 1 << 20
 
 
 class Sender(ABC):
+    """Moves buckets into `clients` (EngineClients that resolved to this transport)."""
+
     kind = ""
 
-    def __init__(self, client: Any, settings: RefitSettings) -> None:
-        self.client, self.settings = client, settings
+    def __init__(self, clients: list[Any], settings: RefitSettings) -> None:
+        if not clients:
+            raise ValueError("a refit sender needs at least one engine")
+        self.clients, self.settings = list(clients), settings
         self.bucket_bytes = max(1, int(settings.bucket_mb * _MB))
 
-    def send(
-        self,
-        weights: Iterable[tuple[str, torch.Tensor]],
-        version: int,
-        reset_prefix_cache: bool = True,
-        probe: bool = False,
-    ) -> dict[str, Any]:
-        """begin -> one load call per bucket (at most `slots` in flight) -> end; returns figures. With
-        `probe` the engine only receives and copies each bucket (the transport's own cost; no reload)."""
-        client = self.client
-        start = time.perf_counter()
-        if probe:
-            return self._probe(weights, start)
-        client._wait([client._submit("begin_refit", version)], "refit start")
-        in_flight: dict[int, Any] = {}
-        stage_s = 0.0
-        try:
-            for i, bucket in enumerate(buckets.iter_buckets(weights, self.bucket_bytes)):
-                slot = i % max(1, self.settings.slots)
-                if slot in in_flight:  # the engine must be done with a slot before it is refilled
-                    client._wait([in_flight.pop(slot)], "refit bucket load")
-                t0 = time.perf_counter()
-                in_flight[slot] = self._send_bucket(slot, bucket)
-                stage_s += time.perf_counter() - t0
-            client._wait(list(in_flight.values()), "refit bucket load")
-        except BaseException:
-            client._abort_refit()
-            raise
-        stats = client._wait([client._submit("end_refit", version, reset_prefix_cache)], "refit end")[0]
-        total = time.perf_counter() - start
-        return {
-            **stats,
-            "transport": self.kind,
-            "refit_s": total,
-            "stage_s": stage_s,
-            "gb_per_s": stats["bytes"] / total / 1e9 if total else 0.0,
-        }
-
-    def _probe(self, weights: Iterable[tuple[str, torch.Tensor]], start: float) -> dict[str, Any]:
-        in_flight: dict[int, Any] = {}
-        total = 0
-        for i, bucket in enumerate(buckets.iter_buckets(weights, self.bucket_bytes)):
-            slot = i % max(1, self.settings.slots)
-            if slot in in_flight:
-                total += self.client._wait([in_flight.pop(slot)], "refit probe")[0]
-            in_flight[slot] = self._send_bucket(slot, bucket, "probe_bucket")
-        total += sum(self.client._wait(list(in_flight.values()), "refit probe"))
-        seconds = time.perf_counter() - start
-        return {"transport": self.kind, "bytes": total, "refit_s": seconds, "gb_per_s": total / seconds / 1e9}
-
     @abstractmethod
-    def _send_bucket(self, slot: int, bucket: buckets.Bucket, method: str = "load_bucket") -> Any:
-        """Moves one bucket and returns the engine's load call (an ObjectRef)."""
+    def send_bucket(self, slot: int, bucket: buckets.Bucket, method: str = "load_bucket") -> list[Any]:
+        """Packs one bucket into `slot` once and submits `method` to every engine; returns their calls
+        (ObjectRefs, in `clients` order). The slot must not be refilled before all of them have returned."""
 
     def close(self) -> None:  # noqa: B027 - nothing to release by default
         pass
@@ -111,8 +66,8 @@ def _slot_capacity(needed: int, bucket_bytes: int) -> int:
 class ShmSender(Sender):
     kind = "shm"
 
-    def __init__(self, client: Any, settings: RefitSettings) -> None:
-        super().__init__(client, settings)
+    def __init__(self, clients: list[Any], settings: RefitSettings) -> None:
+        super().__init__(clients, settings)
         root = "/dev/shm" if Path("/dev/shm").is_dir() else tempfile.gettempdir()
         self.dir = Path(tempfile.mkdtemp(prefix=f"megatron_rl_refit_{os.getpid()}_", dir=root))
         self.slots: dict[int, tuple[str, mmap.mmap, torch.Tensor]] = {}
@@ -131,11 +86,12 @@ class ShmSender(Sender):
             cur = self.slots[slot] = (path, mm, torch.frombuffer(mm, dtype=torch.uint8))
         return cur[0], cur[2]
 
-    def _send_bucket(self, slot: int, bucket: buckets.Bucket, method: str = "load_bucket") -> Any:
+    def send_bucket(self, slot: int, bucket: buckets.Bucket, method: str = "load_bucket") -> list[Any]:
         needed = buckets.plan(bucket).size
         path, buf = self._slot(slot, needed)
         buckets.write(buckets.plan(bucket, buf.numel()), buf)
-        return self.client._submit(method, "shm", {"path": path, "size": buf.numel()})
+        desc = {"path": path, "size": buf.numel()}
+        return [c._submit(method, "shm", desc) for c in self.clients]
 
     def close(self) -> None:
         self.slots.clear()  # the mappings close when their tensors are collected
@@ -145,8 +101,8 @@ class ShmSender(Sender):
 class CudaIpcSender(Sender):
     kind = "cuda_ipc"
 
-    def __init__(self, client: Any, settings: RefitSettings) -> None:
-        super().__init__(client, settings)
+    def __init__(self, clients: list[Any], settings: RefitSettings) -> None:
+        super().__init__(clients, settings)
         uuid = platform.gpu_uuid()
         if uuid is None:
             raise RuntimeError("the cuda_ipc refit transport needs a CUDA GPU in the sending process")
@@ -159,18 +115,19 @@ class CudaIpcSender(Sender):
         cur = self.slots.get(slot)
         if cur is None or cur[1].numel() < needed:
             if cur is not None:
-                self.client._wait([self.client._submit("forget_transport", "cuda_ipc", [cur[0]])], "refit")
+                refs = [c._submit("forget_transport", "cuda_ipc", [cur[0]]) for c in self.clients]
+                self.clients[0]._wait(refs, "refit")
             buf = torch.empty(
                 _slot_capacity(needed, self.bucket_bytes), dtype=torch.uint8, device=self.device
             )
             cur = self.slots[slot] = (f"{self.uuid}/{uuid.uuid4().hex}", buf, reduce_tensor(buf))
         return cur
 
-    def _send_bucket(self, slot: int, bucket: buckets.Bucket, method: str = "load_bucket") -> Any:
+    def send_bucket(self, slot: int, bucket: buckets.Bucket, method: str = "load_bucket") -> list[Any]:
         layout = buckets.plan(bucket)
         key, buf, handle = self._slot(slot, layout.size)
         buckets.write(layout, buf)
-        torch.cuda.current_stream(self.device).synchronize()  # the engine reads on its own stream
+        torch.cuda.current_stream(self.device).synchronize()  # the engines read on their own streams
         desc = {
             "key": key,
             "handle": handle,
@@ -178,7 +135,7 @@ class CudaIpcSender(Sender):
             "header": layout.header,
             "device_uuid": self.uuid,
         }
-        return self.client._submit(method, "cuda_ipc", desc)
+        return [c._submit(method, "cuda_ipc", desc) for c in self.clients]
 
     def close(self) -> None:
         self.slots.clear()
@@ -191,29 +148,35 @@ def _free_port(host: str) -> int:
 
 
 class BroadcastSender(Sender):
+    """One group for all engines: rank 0 is this process, engine k's tp workers follow engine k-1's."""
+
     kind = "broadcast"
 
-    def __init__(self, client: Any, settings: RefitSettings) -> None:
-        super().__init__(client, settings)
+    def __init__(self, clients: list[Any], settings: RefitSettings) -> None:
+        super().__init__(clients, settings)
         import ray
         import torch.distributed as dist
 
-        self.backend = "nccl" if not platform.use_cpu() and client.on_gpu else "gloo"
+        on_gpu = all(c.on_gpu for c in self.clients)
+        self.backend = "nccl" if not platform.use_cpu() and on_gpu else "gloo"
         host = ray.util.get_node_ip_address()
         port = _free_port(host)
-        world = 1 + client.settings.tp
+        world = 1 + sum(c.settings.tp for c in self.clients)
         timeout = datetime.timedelta(seconds=settings.timeout_s)
         self.store = dist.TCPStore(host, port, world, is_master=True, timeout=timeout, wait_for_workers=False)
-        joined = client._submit("join_group", host, port, world, self.backend, settings.timeout_s)
+        joined, first = [], 1
+        for c in self.clients:
+            joined.append(c._submit("join_group", host, port, world, self.backend, settings.timeout_s, first))
+            first += c.settings.tp
         if self.backend == "nccl":
             self.group = dist.ProcessGroupNCCL(self.store, 0, world, dist.ProcessGroupNCCL.Options())
         else:
             self.group = dist.ProcessGroupGloo(self.store, 0, world, timeout)
-        client._wait([joined], "joining the weight-broadcast group")
+        self.clients[0]._wait(joined, "joining the weight-broadcast group")
         self.opts = dist.BroadcastOptions()
         self.opts.rootRank = 0
 
-    def _send_bucket(self, slot: int, bucket: buckets.Bucket, method: str = "load_bucket") -> Any:
+    def send_bucket(self, slot: int, bucket: buckets.Bucket, method: str = "load_bucket") -> list[Any]:
         layout = buckets.plan(bucket)
         desc = {
             "size": layout.size,
@@ -222,34 +185,41 @@ class BroadcastSender(Sender):
             "backend": self.backend,
             "header": layout.header,
         }
-        ref = self.client._submit(method, "broadcast", desc)
+        refs = [c._submit(method, "broadcast", desc) for c in self.clients]
         device = platform.device() if self.backend == "nccl" else torch.device("cpu")
-        # Tensor by tensor, straight from the trainer's memory: no staging copy on this side.
+        # Tensor by tensor, straight from the trainer's memory: no staging copy on this side, and each
+        # tensor goes out once to the whole group.
         for _, t, _ in sorted(layout.offsets, key=lambda x: x[2]):
             flat = t.detach().reshape(-1).to(device).contiguous().view(torch.uint8)
             self.group.broadcast([flat], self.opts).wait()
-        return ref
+        return refs
 
     def close(self) -> None:
         self.group = None
         self.store = None
 
 
-_SENDERS: dict[tuple[str, str], Sender] = {}
+_SENDERS: dict[tuple[str, tuple[str, ...]], Sender] = {}
 _CLASSES = {"shm": ShmSender, "cuda_ipc": CudaIpcSender, "broadcast": BroadcastSender}
 
 
-def sender_for(client: Any, kind: str, settings: RefitSettings) -> Sender:
-    """The cached sender of this process for `client`'s engine (created on first use)."""
+def sender_for(clients: list[Any], kind: str, settings: RefitSettings) -> Sender:
+    """This process's cached sender of transport `kind` for exactly these engines (created on first use).
+    A cached sender for another set that shares an engine is closed first: the set changed (an engine
+    was restarted or left), and a broadcast group whose member is gone cannot be used again."""
     if kind not in _CLASSES:
         raise ValueError(f"unknown refit transport {kind!r}; choose one of {', '.join(TRANSPORTS)} or auto")
-    key = (client.actor_id, kind)
+    ids = tuple(sorted(c.actor_id for c in clients))
+    key = (kind, ids)
+    for other in [k for k in _SENDERS if k[0] == kind and k != key and set(k[1]) & set(ids)]:
+        _SENDERS.pop(other).close()
     sender = _SENDERS.get(key)
     if sender is None or sender.settings != settings:
         if sender is not None:
             sender.close()
-        sender = _SENDERS[key] = _CLASSES[kind](client, settings)
-    sender.client = client
+        sender = _SENDERS[key] = _CLASSES[kind](clients, settings)
+    by_id = {c.actor_id: c for c in clients}
+    sender.clients = [by_id[c.actor_id] for c in sender.clients]  # the caller's handles (refit settings)
     return sender
 
 
@@ -261,7 +231,8 @@ def discard(sender: Sender) -> None:
 
 
 def close_senders(actor_id: str) -> None:
-    for key in [k for k in _SENDERS if k[0] == actor_id]:
+    """Closes this process's senders that serve the engine `actor_id`."""
+    for key in [k for k in _SENDERS if actor_id in k[1]]:
         _SENDERS.pop(key).close()
 
 

@@ -92,7 +92,11 @@ class VLLMEngine(GenerationEngine):
 
     # Generation
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingSettings) -> list[list[Sample]]:
+    def generate(
+        self, prompts: list[list[int]], sampling: SamplingSettings, indices: list[int] | None = None
+    ) -> list[list[Sample]]:
+        """`indices`: each prompt's position in the caller's whole batch (an engine group sends each engine a
+        part), which seeds it, so what a prompt samples does not depend on the engine it went to."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -114,7 +118,7 @@ class VLLMEngine(GenerationEngine):
         for wave in self._waves(prompts, sampling):
             outputs += self.llm.generate(
                 [TokensPrompt(prompt_token_ids=p) for p in wave],
-                [self._seeded(params, done + i) for i in range(len(wave))],
+                [self._seeded(params, indices[done + i] if indices else done + i) for i in range(len(wave))],
                 use_tqdm=False,
             )
             done += len(wave)
@@ -172,7 +176,8 @@ class VLLMEngine(GenerationEngine):
         self.llm.collective_rpc(worker_ops.begin_reload)
         self._refit_open = True
 
-    def load_bucket(self, kind: str, desc: dict[str, Any]) -> int:
+    def load_bucket(self, kind: str, desc: dict[str, Any]) -> dict[str, float]:
+        """Bytes, receive and load seconds of this bucket (worker 0's figures)."""
         if not self._refit_open:
             raise RuntimeError("load_bucket without begin_refit")
         return self.llm.collective_rpc(worker_ops.load_bucket, args=(kind, desc))[0]
@@ -230,11 +235,19 @@ class VLLMEngine(GenerationEngine):
         self.version = version
         return {"refit_s": time.perf_counter() - start}
 
-    def join_group(self, host: str, port: int, world: int, backend: str, timeout_s: float) -> None:
-        # tp workers take ranks 1..tp; the trainer's sender is rank 0.
+    def join_group(
+        self, host: str, port: int, world: int, backend: str, timeout_s: float, first_rank: int = 1
+    ) -> None:
+        # The trainer's sender is rank 0; this engine's tp workers take first_rank .. first_rank + tp - 1
+        # (several engines share one group, each with its own range).
         self.llm.collective_rpc(
-            lambda w: worker_ops.join_group(w, host, port, 1 + w.rank, world, backend, timeout_s)
+            lambda w: worker_ops.join_group(w, host, port, first_rank + w.rank, world, backend, timeout_s)
         )
+
+    def read_weights(self) -> dict[str, torch.Tensor]:
+        """The weights the engine computes with (worker 0's shard), by vLLM parameter name: what a check
+        compares with the trainer's export after a refit."""
+        return self.llm.collective_rpc(worker_ops.read_weights)[0]
 
     def forget_transport(self, kind: str, keys: list[str] | None = None) -> None:
         fn = worker_ops.forget_shm if kind == "shm" else worker_ops.forget_ipc

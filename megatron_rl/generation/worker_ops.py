@@ -50,8 +50,9 @@ def begin_reload(worker: Any) -> None:
         initialize_layerwise_reload(_model(worker))
 
 
-def load_bucket(worker: Any, kind: str, desc: dict[str, Any]) -> int:
-    """Receives one bucket through transport `kind` and loads it; returns the bytes loaded."""
+def load_bucket(worker: Any, kind: str, desc: dict[str, Any]) -> dict[str, float]:
+    """Receives one bucket through transport `kind` and loads it; returns its bytes and the seconds spent
+    receiving and loading it (the sender attributes its own waits with them, fanout.py)."""
     from vllm.config import set_current_vllm_config
 
     st = _state(worker)
@@ -81,11 +82,12 @@ def load_bucket(worker: Any, kind: str, desc: dict[str, Any]) -> int:
     r["tensors"] += len(tensors)
     size = sum(buckets.nbytes(t) for _, t in tensors)
     r["bytes"] += size
-    r["receive_s"] += received - start
-    r["load_s"] += time.perf_counter() - received
+    receive_s, load_s = received - start, time.perf_counter() - received
+    r["receive_s"] += receive_s
+    r["load_s"] += load_s
     # CPU seconds of the whole engine process: on a shared machine wall time also counts other people's work.
     r["load_cpu_s"] += time.process_time() - cpu
-    return size
+    return {"bytes": size, "receive_s": receive_s, "load_s": load_s}
 
 
 def probe_bucket(worker: Any, kind: str, desc: dict[str, Any]) -> int:
@@ -137,12 +139,15 @@ def end_reload(worker: Any) -> dict[str, Any]:
         if hasattr(runner, reset):
             getattr(runner, reset)()
     platform.synchronize()
+    finalized = time.perf_counter()
     missing = sorted({n for n, _ in model.named_parameters()} - r["names"])
     return {
         "tensors": r["tensors"],
         "bytes": r["bytes"],
         "receive_s": r["receive_s"],
-        "load_s": r["load_s"] + time.perf_counter() - start,
+        "load_s": r["load_s"] + finalized - start,
+        "finalize_s": finalized - start,
+        "check_s": time.perf_counter() - finalized,
         "load_cpu_s": r["load_cpu_s"] + time.process_time() - cpu,
         "missing": missing,
     }
@@ -168,6 +173,25 @@ def _refresh_tied_head(model: torch.nn.Module) -> None:
     method = getattr(head, "quant_method", None)
     if method is not None:
         method.process_weights_after_loading(head)
+
+
+def read_weights(worker: Any) -> dict[str, torch.Tensor]:
+    """The weights this worker computes with, by vLLM parameter name (fused and sharded as vLLM holds
+    them), copied to the CPU. On CPU a linear layer's weight is repacked for the GEMM kernels and its
+    parameter emptied: it is read back by applying the layer to the identity, i.e. from the packed copy
+    the engine really multiplies with."""
+    out: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for prefix, module in _model(worker).named_modules():
+            for name, p in module.named_parameters(recurse=False):
+                key = f"{prefix}.{name}" if prefix else name
+                packed = name == "weight" and p.numel() == 0 and hasattr(module, "input_size_per_partition")
+                if packed:
+                    eye = torch.eye(module.input_size_per_partition, dtype=p.dtype, device=p.device)
+                    out[key] = module.quant_method.apply(module, eye).t().cpu().clone()
+                else:
+                    out[key] = p.detach().cpu().clone()
+    return out
 
 
 def reload_from_path(worker: Any, path: str) -> None:

@@ -1,0 +1,118 @@
+"""One export fanned out to several engines (generation/fanout.py): two vLLM engines on the shared Ray
+cluster receive each bucket once through shared memory (both map the same slot file), through one gloo
+broadcast group, or through both at once (one engine each); afterwards each engine holds exactly the
+exported weights (read back from the engine, fp32, bit for bit) and reports the new version. The refit's
+figures split its seconds into export, transport, engine receive, engine load and checks.
+"""
+
+from __future__ import annotations
+
+import pytest
+from safetensors.torch import load_file
+
+from megatron_rl.generation.base import EngineSettings, RefitSettings, SamplingSettings
+from megatron_rl.models.tiny import save_tiny_checkpoint
+from tests.functional.engine_weights import assert_same_weights
+
+GREEDY = SamplingSettings(temperature=0.0, max_new_tokens=8)
+PROMPT = [3, 89, 87, 73, 86, 203, 21, 27, 15, 22, 25, 35, 4, 203, 3]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fanout")
+    return [str(save_tiny_checkpoint(root / f"m{seed}", "llama", seed=seed)) for seed in range(3)]
+
+
+def hf_weights(model_dir: str):
+    return load_file(f"{model_dir}/model.safetensors").items()
+
+
+@pytest.fixture(scope="module")
+def engines(ray_cluster, models):
+    from megatron_rl.generation.client import EngineClient
+
+    # 256 KiB buckets: the tiny model takes 12 of them, so slots are refilled while engines hold views.
+    refit = RefitSettings(transport="shm", bucket_mb=0.25, slots=2)
+    clients = [
+        EngineClient(models[0], EngineSettings(max_model_len=256, seed=0), num_cpus=0.25, refit=refit)
+        for _ in range(2)
+    ]
+    yield clients
+    for client in clients:
+        client.shutdown()
+
+
+class TrainerRank:
+    """Stands in for the policy's rank 0: another process, handed the (pickled) engine clients."""
+
+    def push(self, clients, model_dir: str, version: int) -> dict:
+        from megatron_rl.generation.fanout import send_to_engines
+
+        return send_to_engines(clients, hf_weights(model_dir), version)
+
+
+def check_refit(stats: dict, engines: list, model_dir: str, version: int, transports: list[str]) -> None:
+    assert stats["missing"] == [] and stats["tensors"] == 39 and stats["buckets"] == 12
+    assert stats["bytes"] == sum(t.numel() * 4 for _, t in hf_weights(model_dir))  # the export, counted once
+    assert [e["transport"] for e in stats["engines"]] == transports
+    assert sorted(e["engine"] for e in stats["engines"]) == sorted(c.actor_id for c in engines)
+    for engine in engines:
+        assert engine.version() == version
+        assert_same_weights(engine.read_weights(), hf_weights(model_dir))
+        assert engine.generate([PROMPT], GREEDY)[0][0].weight_version == version
+    parts = [stats[p] for p in ("export_s", "transport_s", "engine_receive_s", "engine_load_s", "checks_s")]
+    assert all(p >= 0 for p in parts) and stats["engine_load_s"] > 0 and stats["transport_s"] > 0
+    assert stats["unexplained_s"] == pytest.approx(stats["refit_s"] - sum(parts))
+    assert -0.01 < stats["unexplained_fraction"] < 0.5, stats  # parts never count the same second twice
+
+
+def test_engines_start_with_the_checkpoint_weights(engines, models):
+    """The read-back itself: the engines' weights (linear layers read from the CPU kernels' packed copy)
+    are the checkpoint's, and a different checkpoint's are told apart."""
+    weights = engines[0].read_weights()
+    assert_same_weights(weights, hf_weights(models[0]))
+    with pytest.raises(AssertionError):
+        assert_same_weights(weights, hf_weights(models[1]))
+
+
+def test_shared_memory_fanout_packs_each_bucket_once(engines, models):
+    from megatron_rl.generation import fanout, transports
+
+    version = engines[0].version() + 1
+    stats = fanout.send_to_engines(engines, hf_weights(models[1]), version)
+    assert stats["transport"] == "shm"
+    check_refit(stats, engines, models[1], version, ["shm", "shm"])
+    # One sender, one set of slot files, for both engines.
+    (sender,) = [s for s in transports._SENDERS.values() if s.kind == "shm"]
+    assert sorted(c.actor_id for c in sender.clients) == sorted(c.actor_id for c in engines)
+    assert sorted(p.name for p in sender.dir.iterdir()) == ["slot0.safetensors", "slot1.safetensors"]
+
+
+@pytest.mark.parametrize("split", ["broadcast", "shm+broadcast"])
+def test_refit_from_another_process(engines, models, split):
+    """broadcast: one gloo group of the trainer and both engines, each tensor broadcast once.
+    shm+broadcast: the per-engine choice of a mixed placement (here forced), in one pass over the buckets."""
+    import ray
+
+    kinds = ["broadcast", "broadcast"] if split == "broadcast" else ["shm", "broadcast"]
+    clients = [c.with_refit(transport=k) for c, k in zip(engines, kinds)]
+    model = models[2] if split == "broadcast" else models[1]
+    rank0 = ray.remote(num_cpus=0.1)(TrainerRank).remote()
+    try:
+        version = engines[0].version() + 1
+        stats = ray.get(rank0.push.remote(clients, model, version), timeout=180)
+    finally:
+        ray.kill(rank0)
+    assert stats["transport"] == split
+    check_refit(stats, engines, model, version, kinds)
+
+
+def test_a_failing_engine_fails_the_refit_naming_it(engines, models):
+    from megatron_rl.generation import fanout
+    from megatron_rl.ray_utils import WorkerError
+
+    v = engines[0].version()
+    with pytest.raises(WorkerError, match=r"engine \d of 2.*not newer"):
+        fanout.send_to_engines(engines, hf_weights(models[1]), v)
+    assert [e.version() for e in engines] == [v, v]  # both still serve, at the old version
