@@ -212,12 +212,18 @@ def _complete(stats: dict[str, Any]) -> dict[str, Any]:
 
 
 def stream_from_policy_rank(
-    engine: EngineClient, weights: Iterable[tuple[str, torch.Tensor]], rank: int, version: int
+    engine: GenerationEngine | list[EngineClient],
+    weights: Iterable[tuple[str, torch.Tensor]],
+    rank: int,
+    version: int,
 ) -> dict[str, Any] | None:
     """Runs on every rank of a Megatron policy during a refit. All ranks drain `weights` (an exporter whose
     TP/EP/PP gathers need every rank); rank 0 streams what it receives into the engine, bucket by bucket,
-    so the full model is never held twice. Returns rank 0's figures, None elsewhere."""
+    so the full model is never held twice. `engine`: one engine, an engine group, or a list of
+    EngineClients (one export fanned out to all of them). Returns rank 0's figures, None elsewhere."""
     if rank == 0:
+        if isinstance(engine, list):
+            return fanout.send_to_engines(engine, weights, version)
         return engine.update_weights(weights, version)
     for _ in weights:
         pass
