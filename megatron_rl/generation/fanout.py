@@ -159,13 +159,17 @@ def _stream(
 ) -> dict[str, int]:
     """begin/end aside: every bucket once through every sender, at most `slots` buckets in flight."""
     slots = max(1, settings.slots)
-    in_flight: dict[int, list[Any]] = {}
+    in_flight: dict[int, list[Any]] = {}  # slot -> refs in `ordered` order; dict order is bucket order
     nbytes = tensors = count = 0
     bucket_bytes = max(1, int(settings.bucket_mb * (1 << 20)))
+    spans, first = [], 0
+    for sender in senders:
+        spans.append((first, first + len(sender.clients)))
+        first += len(sender.clients)
 
-    def drain(slot_refs: list[list[Any]]) -> None:
+    def drain(slot_refs: list[list[Any]], lo: int = 0, hi: int = len(ordered)) -> None:
         t0 = time.perf_counter()
-        results = [_wait(ordered, refs, "refit bucket load") for refs in slot_refs]
+        results = [_wait(ordered[lo:hi], refs[lo:hi], "refit bucket load") for refs in slot_refs]
         if method == "load_bucket":
             clock.waited(time.perf_counter() - t0, results)
 
@@ -173,13 +177,20 @@ def _stream(
         slot = i % slots
         if slot in in_flight:  # every engine must be done with a slot before it is refilled
             drain([in_flight.pop(slot)])
-        t0 = time.perf_counter()
-        in_flight[slot] = [ref for sender in senders for ref in sender.send_bucket(slot, bucket, method)]
-        clock.parts["transport_s"] += time.perf_counter() - t0
+        refs: list[Any] = []
+        for sender, (lo, hi) in zip(senders, spans):
+            if sender.kind == "broadcast" and in_flight:
+                # An engine receives only once it has loaded the buckets before: wait for that here, so
+                # the time counts as the engines' load, not as the broadcast's (it would block as long).
+                drain(list(in_flight.values()), lo, hi)
+            t0 = time.perf_counter()
+            refs += sender.send_bucket(slot, bucket, method)
+            clock.parts["transport_s"] += time.perf_counter() - t0
+        in_flight[slot] = refs
         nbytes += sum(buckets.nbytes(t) for _, t in bucket)
         tensors += len(bucket)
         count += 1
-    drain([in_flight[s] for s in sorted(in_flight, key=lambda s: (s - count) % slots)])
+    drain(list(in_flight.values()))
     return {"bytes": nbytes, "tensors": tensors, "buckets": count}
 
 
