@@ -86,6 +86,16 @@ class GenerationConfig:
     # broadcast across nodes), one of those by name, or files (ranks write buckets, the engine reads them).
     refit_transport: str = "auto"
     cpu_kv_cache_gb: float = 1.0
+    # vLLM engines behind the run's engine group; 0 or null: derived (CPU: 1; colocated on GPU: policy GPUs /
+    # generation.tp; separate: generation.gpus / generation.tp).
+    num_engines: int | None = None
+    # GPUs of the separate generation pool (generation.colocated=false); 0 with colocated engines.
+    gpus: int = 0
+    # Engine restarts allowed over the run (a dead or stuck engine is restarted and refitted); one more
+    # failure stops the run naming the engine and its log.
+    max_failures: int = 3
+    # Seconds an engine may take to answer one call (a generation batch, a refit) before it counts as stuck.
+    timeout_s: float = 600.0
 
 
 @dataclass
@@ -221,6 +231,9 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "generation.tp": (1, None),
     "generation.max_model_len": (1, None),
     "generation.gpu_memory_utilization": (0.01, 1.0),
+    "generation.num_engines": (0, None),
+    "generation.max_failures": (0, None),
+    "generation.timeout_s": (1, None),
     "grpo.prompts_per_step": (1, None),
     "grpo.num_generations": (1, None),
     "grpo.clip_low": (0, 1),

@@ -68,6 +68,7 @@ class Sample:
     finish_reason: str  # "stop" | "length"
     text: str
     weight_version: int  # the weights it was sampled with
+    engine: int = 0  # which engine of the run's engine group sampled it
 
     @property
     def length(self) -> int:

@@ -92,7 +92,11 @@ class VLLMEngine(GenerationEngine):
 
     # Generation
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingSettings) -> list[list[Sample]]:
+    def generate(
+        self, prompts: list[list[int]], sampling: SamplingSettings, indices: list[int] | None = None
+    ) -> list[list[Sample]]:
+        """`indices`: each prompt's position in the caller's whole batch (an engine group sends each engine a
+        part), which seeds it, so what a prompt samples does not depend on the engine it went to."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -114,7 +118,7 @@ class VLLMEngine(GenerationEngine):
         for wave in self._waves(prompts, sampling):
             outputs += self.llm.generate(
                 [TokensPrompt(prompt_token_ids=p) for p in wave],
-                [self._seeded(params, done + i) for i in range(len(wave))],
+                [self._seeded(params, indices[done + i] if indices else done + i) for i in range(len(wave))],
                 use_tqdm=False,
             )
             done += len(wave)
