@@ -14,8 +14,19 @@ from typing import Any
 from megatron_rl.ray_utils import gather, remote_class
 
 
+def placed_on() -> dict[str, Any]:
+    """The calling actor's node id and Ray's GPU ids for it (no CUDA call)."""
+    import ray
+
+    return {"node_id": ray.get_runtime_context().get_node_id(), "gpus": [int(g) for g in ray.get_gpu_ids()]}
+
+
 class RankActor:
     """Base of an actor class that holds one rank of the world."""
+
+    def where(self) -> dict[str, Any]:
+        """Where Ray put this actor: its node and the GPUs it was given (cheap: touches no device)."""
+        return placed_on()
 
     def address(self) -> tuple[str, int]:
         """Where the world meets, asked of rank 0: its node's address and a port free there."""
@@ -37,8 +48,40 @@ class RankActor:
         torch.set_num_threads(max(1, threads))
 
 
+def reserve(bundles: list[dict[str, float]]) -> Any:
+    """The world's placement group (one bundle per rank, all alike), packed onto as few nodes as hold them."""
+    from ray.util.placement_group import placement_group
+
+    return placement_group(bundles, strategy="PACK")
+
+
+def bundle_of_rank(group: Any) -> list[int]:
+    """Which bundle each rank takes, once the group is reserved: node by node, so that consecutive ranks
+    (a tensor-parallel group) share a node. Ray's PACK strategy fills nodes but scatters bundle indices
+    over them."""
+    import ray
+
+    nodes = ray.util.placement_group_table(group)["bundles_to_node_id"]
+    first: dict[str, int] = {}
+    for b in sorted(nodes):
+        first.setdefault(nodes[b], b)
+    return sorted(nodes, key=lambda b: (first[nodes[b]], b))
+
+
+def rank_actor_options(group: Any, bundle: int, cpus: float, gpus: float) -> dict[str, Any]:
+    """A rank's Ray options: its share of `bundle` of the placement group (`launch plan --placement` places
+    the ranks with these very options)."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=bundle)
+    return {"num_cpus": cpus, "num_gpus": gpus, "scheduling_strategy": strategy}
+
+
 class RankActors:
-    """`world` actors of `actor_cls` (a RankActor), actor r in bundle r; `master` is rank 0's address."""
+    """`world` actors of `actor_cls` (a RankActor), actor r in bundle `bundle_of_rank[r]` of placement group
+    `pg`; `master` is rank 0's address. `bundles` (default: each rank's own CPUs and GPUs; all alike) may
+    reserve more than the ranks take, for the colocated engines that share their GPUs
+    (megatron_rl.placement)."""
 
     def __init__(
         self,
@@ -49,23 +92,18 @@ class RankActors:
         timeout_s: float,
         what: str = "ranks",
         args: Callable[[int], tuple] = lambda rank: (),
+        bundles: list[dict[str, float]] | None = None,
     ) -> None:
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
         bundle = {"CPU": cpus_per_rank, **({"GPU": gpus_per_rank} if gpus_per_rank else {})}
-        self.pg: Any = placement_group([dict(bundle) for _ in range(world)], strategy="PACK")
+        self.pg: Any = reserve(bundles or [dict(bundle) for _ in range(world)])
         self.actors: list[Any] = []
         try:
             gather([self.pg.ready()], f"placing {what}", timeout_s)
+            self.bundle_of_rank = bundle_of_rank(self.pg)
             cls = remote_class(actor_cls)
             self.actors = [
                 cls.options(
-                    num_cpus=cpus_per_rank,
-                    num_gpus=gpus_per_rank,
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(
-                        self.pg, placement_group_bundle_index=r
-                    ),
+                    **rank_actor_options(self.pg, self.bundle_of_rank[r], cpus_per_rank, gpus_per_rank)
                 ).remote(*args(r))
                 for r in range(world)
             ]

@@ -91,11 +91,9 @@ class GenerationConfig:
     num_engines: int | None = None
     # GPUs of the separate generation pool (generation.colocated=false); 0 with colocated engines.
     gpus: int = 0
-    # Engine restarts allowed over the run (a dead or stuck engine is restarted and refitted); one more
-    # failure stops the run naming the engine and its log.
-    max_failures: int = 3
-    # Seconds an engine may take to answer one call (a generation batch, a refit) before it counts as stuck.
-    timeout_s: float = 600.0
+    # An engine's GPUs stay on one node unless this is set; then an engine wider than a node takes whole
+    # nodes.
+    span_nodes: bool = False
 
 
 @dataclass
@@ -232,8 +230,6 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "generation.max_model_len": (1, None),
     "generation.gpu_memory_utilization": (0.01, 1.0),
     "generation.num_engines": (0, None),
-    "generation.max_failures": (0, None),
-    "generation.timeout_s": (1, None),
     "grpo.prompts_per_step": (1, None),
     "grpo.num_generations": (1, None),
     "grpo.clip_low": (0, 1),
@@ -248,6 +244,9 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
 
 
 def world_size(cfg: Any) -> int:
-    """Policy ranks: one per GPU on GPU clusters, `cluster.ranks` CPU processes otherwise."""
+    """Policy ranks: one per policy GPU on GPU clusters (a GRPO run's separate generation pool is not the
+    policy's), `cluster.ranks` CPU processes otherwise."""
+    from megatron_rl.placement import policy_gpus
+
     c = cfg.cluster
-    return c.nodes * c.gpus_per_node if c.gpus_per_node else c.ranks
+    return policy_gpus(cfg) if c.gpus_per_node else c.ranks

@@ -29,6 +29,8 @@ from megatron_rl.generation.base import (
     SamplingSettings,
 )
 from megatron_rl.generation.vllm_engine import VLLMEngine, check_model_dir
+from megatron_rl.placement import EngineResources
+from megatron_rl.rank_actors import placed_on
 from megatron_rl.ray_utils import actor_env, gather, remote_class
 
 # glibc returns large freed blocks to the OS and faults fresh pages in on the next allocation. A CPU refit
@@ -40,9 +42,9 @@ CPU_ENGINE_ENV = {"MALLOC_MMAP_THRESHOLD_": str(4 << 30), "MALLOC_TRIM_THRESHOLD
 class EngineActor(VLLMEngine):
     """The engine as a Ray actor: adds where it runs, for choosing a transport."""
 
-    def __init__(self, model_dir: str, settings: EngineSettings, log_name: str = "engine") -> None:
-        # First of all: vLLM's chatter, C++ included, goes to <run>/logs/<log_name>.log.
-        console.redirect_to_log(log_name)
+    def __init__(self, model_dir: str, settings: EngineSettings) -> None:
+        # First of all: vLLM's chatter, C++ included, goes to <run>/logs/engine.log.
+        console.redirect_to_log("engine")
         super().__init__(model_dir, settings)
 
     def start(self) -> dict[str, Any]:
@@ -50,6 +52,28 @@ class EngineActor(VLLMEngine):
 
         info = super().start()
         return {**info, "node_id": ray.get_runtime_context().get_node_id(), "device_uuid": self.device_uuid()}
+
+    def where(self) -> dict[str, Any]:
+        """Where Ray put this engine: its node and GPUs, before (and without) starting vLLM."""
+        return placed_on()
+
+
+def engine_actor_options(
+    num_cpus: float, num_gpus: float, resources: EngineResources | None = None
+) -> dict[str, Any]:
+    """The engine actor's Ray options: its resources (placement group included, from `resources` when
+    given) and its process's env. `launch plan --placement` places the engine with these very options."""
+    if resources is not None:
+        options, env = dict(resources.options), dict(resources.env)
+        on_gpu = options["num_gpus"] > 0 or bool(resources.workers)
+    else:
+        options, env, on_gpu = {"num_cpus": num_cpus, "num_gpus": num_gpus}, {}, num_gpus > 0
+    # glibc reads these at process start, hence the actor's runtime env (a user's own values win).
+    if not on_gpu:
+        env |= {k: os.environ.get(k, v) for k, v in CPU_ENGINE_ENV.items()}
+    if env:  # a runtime env of the actor's own replaces remote_class's: the console settings come along
+        options["runtime_env"] = {"env_vars": env | actor_env()}
+    return options
 
 
 class EngineClient(GenerationEngine):
@@ -61,29 +85,27 @@ class EngineClient(GenerationEngine):
         num_gpus: float = 0,
         timeout_s: float = 600,
         refit: RefitSettings | None = None,
-        log_name: str = "engine",
+        resources: EngineResources | None = None,
     ) -> None:
+        """`resources` (megatron_rl.placement.engine_resources) places it: in the policy's placement group
+        (colocated) or its own; without it, a plain actor of `num_cpus` CPUs and `num_gpus` GPUs."""
         import ray
 
         check_model_dir(model_dir)  # before any process starts: the clearest error, at once
         self.model_dir, self.settings, self.timeout_s = model_dir, settings, timeout_s
         self.refit = refit or RefitSettings()
-        self.on_gpu = num_gpus > 0
+        self.resources = resources
+        options = engine_actor_options(num_cpus, num_gpus, resources)
+        self.on_gpu = options["num_gpus"] > 0 or bool(resources and resources.workers)
         cls = remote_class(EngineActor)
-        # glibc reads these at process start, hence the actor's runtime env (a user's own values win).
-        env = {} if self.on_gpu else {k: os.environ.get(k, v) for k, v in CPU_ENGINE_ENV.items()}
-        if env:  # a runtime env of the actor's own replaces remote_class's: the console settings come along
-            env |= actor_env()
-        options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus}
-        if env:
-            options["runtime_env"] = {"env_vars": env}
-        self.log_name = log_name
-        self.actor = cls.options(**options).remote(model_dir, settings, log_name)
+        self.actor = cls.options(**options).remote(model_dir, settings)
         self.actor_id = self.actor._actor_id.hex()
         try:
             self.info = self._wait([self.actor.start.remote()], f"starting from {model_dir}")[0]
         except BaseException:
             ray.kill(self.actor)
+            if resources is not None:
+                resources.release()
             raise
 
     def _submit(self, method: str, *args: Any) -> Any:
@@ -160,7 +182,14 @@ class EngineClient(GenerationEngine):
         try:
             files, nbytes = policy.write_hf_buckets(workdir, bucket_mb or max(1, round(self.refit.bucket_mb)))
             exported = time.perf_counter()
-            stats = self.load_bucket_files(files, version)
+            self._wait([self._submit("begin_refit", version)], "refit start")
+            try:
+                refs = [self._submit("load_bucket", "file", {"path": f}) for f in files]
+                self._wait(refs, "refit bucket load")
+            except BaseException:
+                self._abort_refit()
+                raise
+            stats = self._wait([self._submit("end_refit", version, True)], "refit end")[0]
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         total = time.perf_counter() - start
@@ -174,17 +203,6 @@ class EngineClient(GenerationEngine):
                 "gb_per_s": nbytes / total / 1e9,
             }
         )
-
-    def load_bucket_files(self, files: list[str], version: int) -> dict[str, Any]:
-        """Loads safetensors bucket files a policy wrote (the `files` refit), as weight version `version`."""
-        self._wait([self._submit("begin_refit", version)], "refit start")
-        try:
-            refs = [self._submit("load_bucket", "file", {"path": f}) for f in files]
-            self._wait(refs, "refit bucket load")
-        except BaseException:
-            self._abort_refit()
-            raise
-        return self._wait([self._submit("end_refit", version, True)], "refit end")[0]
 
     def version(self) -> int:
         return self._wait([self._submit("ping")], "ping", 60)[0]
@@ -202,6 +220,8 @@ class EngineClient(GenerationEngine):
         except Exception:  # noqa: BLE001 - a dead engine is already shut down
             pass
         ray.kill(self.actor)
+        if self.resources is not None:
+            self.resources.release()
 
 
 def _complete(stats: dict[str, Any]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ class PolicyGroup:
         gpus_per_rank: float,
         cpus_per_rank: float,
         timeout_s: float = 1800,
+        bundles: list[dict[str, float]] | None = None,
     ) -> None:
         self.spec, self.world_size, self.timeout_s = spec, world_size, timeout_s
         self.dp = spec.parallel.check_world(world_size)
@@ -30,6 +31,7 @@ class PolicyGroup:
             timeout_s,
             "policy ranks",
             lambda r: (r, world_size, spec),
+            bundles,
         )
         self.workers = self.ranks.actors
         try:
@@ -40,6 +42,16 @@ class PolicyGroup:
             raise
         # Every rank of a DP group (its TP/PP/CP peers) must see the same shard; Megatron says which.
         self.dp_rank = [i["dp_rank"] for i in info]
+
+    @property
+    def placement_group(self) -> Any:
+        """The ranks' placement group: colocated engines live in its bundles (megatron_rl.placement)."""
+        return self.ranks.pg
+
+    @property
+    def bundle_of_rank(self) -> list[int]:
+        """Rank r's bundle in that group (Ray numbers bundles in no node order)."""
+        return self.ranks.bundle_of_rank
 
     def _dp_rank_of(self, rank: int) -> int:
         return self.dp_rank[rank]

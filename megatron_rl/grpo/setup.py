@@ -1,15 +1,14 @@
-"""Building the GRPO run's parts from config: the policy ranks and the generation engine group."""
+"""Building the GRPO run's parts from config: the policy ranks and the generation engine."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from megatron_rl import placement
 from megatron_rl.config.schema import world_size
 from megatron_rl.dtypes import hf_name
-from megatron_rl.errors import UserError
 from megatron_rl.generation.base import EngineSettings, RefitSettings
 from megatron_rl.generation.client import EngineClient
-from megatron_rl.generation.group import EngineGroup
 from megatron_rl.grpo.policy_group import PolicyGroup
 from megatron_rl.grpo.policy_worker import PolicySpec
 from megatron_rl.parallel import ParallelConfig
@@ -28,30 +27,21 @@ def build_policy(cfg: Any, model_dir: str) -> PolicyGroup:
         micro_batch_tokens=cfg.policy.micro_batch_tokens,
         keep_reference=bool(cfg.grpo.kl_coef),
     )
-    gpus = 1 if cfg.cluster.gpus_per_node else 0
-    return PolicyGroup(spec, world_size(cfg), gpus_per_rank=gpus, cpus_per_rank=cfg.cluster.cpus_per_rank)
+    table = placement.check(cfg)
+    # GPU: the bundles also reserve the colocated engines' share of the ranks' GPUs and CPUs.
+    bundles = placement.policy_bundles(cfg, table) if table.gpu else None
+    gpus = placement.policy_rank_gpus(cfg, table)
+    return PolicyGroup(
+        spec, world_size(cfg), gpus_per_rank=gpus, cpus_per_rank=cfg.cluster.cpus_per_rank, bundles=bundles
+    )
 
 
-def derive_num_engines(cfg: Any) -> int:
-    """`generation.num_engines`, or when 0/null what the layout gives: one on CPU; colocated on GPU, one per
-    `generation.tp` policy GPUs; separate, one per `generation.tp` of the pool's `generation.gpus`."""
-    g = cfg.generation
-    if g.num_engines:
-        return int(g.num_engines)
-    if not cfg.cluster.gpus_per_node:
-        return 1
-    gpus = world_size(cfg) if g.colocated else g.gpus
-    if gpus < g.tp:
-        where = "the policy's GPUs" if g.colocated else "generation.gpus"
-        raise UserError(
-            f"generation.tp={g.tp} needs more GPUs than {where} ({gpus}): lower generation.tp"
-            + ("" if g.colocated else " or raise generation.gpus")
-            + ", or set generation.num_engines."
-        )
-    return gpus // g.tp
-
-
-def build_engine(cfg: Any, model_dir: str) -> EngineGroup:
+def build_engine(
+    cfg: Any, model_dir: str, policy_group: Any = None, bundle_of_rank: list[int] | None = None
+) -> EngineClient:
+    """The engine; on GPU it is placed by megatron_rl.placement: colocated in `policy_group` (the policy's
+    placement group; rank r in bundle `bundle_of_rank[r]`) beside its ranks, separate in a placement group
+    of its own."""
     g = cfg.generation
     settings = EngineSettings(
         tp=g.tp,
@@ -63,19 +53,9 @@ def build_engine(cfg: Any, model_dir: str) -> EngineGroup:
         trust_remote_code=cfg.model.trust_remote_code,
         seed=cfg.run.seed,
     )
-    # Colocated on GPU: the engine shares the policy's devices (fractional GPU); separate: its own GPUs.
-    gpus = (0.4 if g.colocated else g.tp) if cfg.cluster.gpus_per_node else 0
-    refit = RefitSettings(transport=g.refit_transport, bucket_mb=g.refit_bucket_mb, timeout_s=g.timeout_s)
-
-    def start_engine(index: int) -> EngineClient:
-        return EngineClient(
-            model_dir,
-            settings,
-            num_cpus=cfg.cluster.cpus_per_rank,
-            num_gpus=gpus,
-            timeout_s=g.timeout_s,
-            refit=refit,
-            log_name=f"engine{index}",
-        )
-
-    return EngineGroup(start_engine, derive_num_engines(cfg), g.max_failures, g.timeout_s)
+    table = placement.check(cfg)
+    refit = RefitSettings(transport=g.refit_transport, bucket_mb=g.refit_bucket_mb)
+    resources = placement.engine_resources(cfg, table, 0, policy_group, bundle_of_rank) if table.gpu else None
+    return EngineClient(
+        model_dir, settings, num_cpus=cfg.cluster.cpus_per_rank, refit=refit, resources=resources
+    )

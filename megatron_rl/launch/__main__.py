@@ -6,7 +6,9 @@
     python -m megatron_rl.launch nightly --suite NAME [--dry-run] [--only PATTERN]   (see docs/nightly.md)
 
 ALGO is grpo (the default), sft, dpo, or plan (the per-GPU memory plan and layout checks of the recipe;
-`plan sft` / `plan dpo` plan a run without the generation engine).
+`plan sft` / `plan dpo` plan a run without the generation engine). `plan --placement` instead places the
+recipe's Ray actors (policy ranks, engines) on a simulated cluster of its nodes and GPUs and prints where they
+landed as one JSON object (nodes, policy_ranks, engines, problems, ok); exit 1 when they cannot be placed.
 RECIPE names a recipe (default tiny): a packaged one or your own (see the end). Overrides use Hydra syntax:
 `policy.parallel.tp=8`, `cluster.nodes=16`, a config group option such as `model=llama3_8b` or
 `algorithm=dapo`, and `launcher=local|slurm` (short for cluster.launcher). `+key=value` is checked against the
@@ -33,7 +35,7 @@ ALGORITHMS = {
     "dpo": "megatron_rl.dpo.driver:run",
 }
 ALIASES = {"launcher": "cluster.launcher"}
-FLAGS = ("--cfg", "--dry-run", "--in-process", "--verbose", "--help", "-h")
+FLAGS = ("--cfg", "--dry-run", "--in-process", "--verbose", "--placement", "--help", "-h")
 
 
 def usage() -> str:
@@ -108,6 +110,10 @@ def run(argv: list[str]) -> int:
 
         sys.stdout.write(OmegaConf.to_yaml(cfg))
         return 0
+    if algo == "plan" and "--placement" in flags:
+        from megatron_rl.planner.simulated_placement import main as place
+
+        return place(cfg)
     if algo == "plan":
         from megatron_rl.planner.report import main as plan
 

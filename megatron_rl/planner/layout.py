@@ -110,18 +110,14 @@ def check_layout(cfg: Any, arch: Arch | None = None, generation: bool = True) ->
 
 
 def _generation_layout_problems(cfg: Any, arch: Arch) -> list[str]:
-    g, c = cfg.generation, cfg.cluster
+    from megatron_rl.placement import placement
+
+    g = cfg.generation
     problems = []
     if arch.heads % g.tp:
         problems.append(f"generation.tp={g.tp} must divide the attention heads ({arch.heads}) for vLLM")
-    if c.gpus_per_node:
-        world = c.nodes * c.gpus_per_node
-        if g.colocated and world % g.tp:
-            problems.append(f"colocated engines of generation.tp={g.tp} GPUs must tile the {world} GPUs")
-        if g.tp > c.gpus_per_node and g.tp % c.gpus_per_node:
-            problems.append(
-                f"generation.tp={g.tp} spans nodes of {c.gpus_per_node} GPUs unevenly: use whole nodes"
-            )
+    # Where engines and ranks sit: the runtime's own table (engines per node, spanning, the separate pool).
+    problems += placement(cfg).problems
     if g.max_model_len > cfg.policy.max_seq_len:
         problems.append(
             f"generation.max_model_len ({g.max_model_len}) exceeds policy.max_seq_len "

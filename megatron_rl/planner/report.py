@@ -38,7 +38,8 @@ def report(cfg: Any, p: Plan) -> None:
     )
     if "vllm_weights" in ph:
         out.print(
-            f"vLLM (generation.tp={cfg.generation.tp}): weights {ph['vllm_weights']:.1f}, runtime "
+            f"vLLM ({ph['engines']:.0f} engines of generation.tp={cfg.generation.tp}): weights "
+            f"{ph['vllm_weights']:.1f}, runtime "
             f"{ph['vllm_runtime']:.1f}, KV cache {ph['vllm_kv_cache']:.1f} GiB "
             f"({ph['kv_tokens']:,.0f} tokens, {ph['kv_sequences']:.1f} full-length sequences)"
         )

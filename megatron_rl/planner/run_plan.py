@@ -104,10 +104,13 @@ def _plan_engine(
     cfg: Any, arch: Arch, worst: StageMemory, phases: dict[str, float], checks: list[Check], budget: float
 ) -> float:
     """vLLM's part: weights, runtime and KV cache within its share; adds to the phases; returns the share."""
+    from megatron_rl.placement import engine_width, num_engines
+
     g, c = cfg.generation, cfg.cluster
     gpu = bool(c.gpus_per_node)
     elt = 2 if cfg.model.dtype == "bf16" else 4
-    weights = vllm_weight_bytes(arch, g.tp, elt) / GIB
+    width = engine_width(cfg)  # GPUs one engine shards its weights over (the runtime's arithmetic)
+    weights = vllm_weight_bytes(arch, width, elt) / GIB
     runtime = VLLM_RUNTIME_GIB if gpu else VLLM_CPU_RUNTIME_GIB
     if gpu:
         share = g.gpu_memory_utilization * c.gpu_memory_gb
@@ -120,11 +123,12 @@ def _plan_engine(
         room = share - runtime
     else:
         share, kv = 0.0, g.cpu_kv_cache_gb
-        phases["training"] += weights + kv + runtime
+        phases["training"] += num_engines(cfg) * (weights + kv + runtime)  # every engine in host memory
         phases["generation"] = phases["training"]
         room = budget - runtime
-    kv_tokens = max(kv, 0.0) * GIB / kv_bytes_per_token(arch, g.tp, elt)
+    kv_tokens = max(kv, 0.0) * GIB / kv_bytes_per_token(arch, width, elt)
     phases.update(
+        engines=num_engines(cfg),
         vllm_weights=weights,
         vllm_runtime=runtime,
         vllm_kv_cache=max(kv, 0.0),
