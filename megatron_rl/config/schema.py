@@ -94,6 +94,11 @@ class GenerationConfig:
     # An engine's GPUs stay on one node unless this is set; then an engine wider than a node takes whole
     # nodes.
     span_nodes: bool = False
+    # Engine restarts allowed over the run (a dead or stuck engine is restarted and refitted); one more
+    # failure stops the run naming the engine and its log.
+    max_failures: int = 3
+    # Seconds an engine may take to answer one call (a generation batch, a refit) before it counts as stuck.
+    timeout_s: float = 600.0
 
 
 @dataclass
@@ -230,6 +235,8 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "generation.max_model_len": (1, None),
     "generation.gpu_memory_utilization": (0.01, 1.0),
     "generation.num_engines": (0, None),
+    "generation.max_failures": (0, None),
+    "generation.timeout_s": (1, None),
     "grpo.prompts_per_step": (1, None),
     "grpo.num_generations": (1, None),
     "grpo.clip_low": (0, 1),

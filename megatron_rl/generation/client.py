@@ -42,9 +42,9 @@ CPU_ENGINE_ENV = {"MALLOC_MMAP_THRESHOLD_": str(4 << 30), "MALLOC_TRIM_THRESHOLD
 class EngineActor(VLLMEngine):
     """The engine as a Ray actor: adds where it runs, for choosing a transport."""
 
-    def __init__(self, model_dir: str, settings: EngineSettings) -> None:
-        # First of all: vLLM's chatter, C++ included, goes to <run>/logs/engine.log.
-        console.redirect_to_log("engine")
+    def __init__(self, model_dir: str, settings: EngineSettings, log_name: str = "engine") -> None:
+        # First of all: vLLM's chatter, C++ included, goes to <run>/logs/<log_name>.log.
+        console.redirect_to_log(log_name)
         super().__init__(model_dir, settings)
 
     def start(self) -> dict[str, Any]:
@@ -85,6 +85,7 @@ class EngineClient(GenerationEngine):
         num_gpus: float = 0,
         timeout_s: float = 600,
         refit: RefitSettings | None = None,
+        log_name: str = "engine",
         resources: EngineResources | None = None,
     ) -> None:
         """`resources` (megatron_rl.placement.engine_resources) places it: in the policy's placement group
@@ -98,7 +99,8 @@ class EngineClient(GenerationEngine):
         options = engine_actor_options(num_cpus, num_gpus, resources)
         self.on_gpu = options["num_gpus"] > 0 or bool(resources and resources.workers)
         cls = remote_class(EngineActor)
-        self.actor = cls.options(**options).remote(model_dir, settings)
+        self.log_name = log_name
+        self.actor = cls.options(**options).remote(model_dir, settings, log_name)
         self.actor_id = self.actor._actor_id.hex()
         try:
             self.info = self._wait([self.actor.start.remote()], f"starting from {model_dir}")[0]
@@ -182,14 +184,7 @@ class EngineClient(GenerationEngine):
         try:
             files, nbytes = policy.write_hf_buckets(workdir, bucket_mb or max(1, round(self.refit.bucket_mb)))
             exported = time.perf_counter()
-            self._wait([self._submit("begin_refit", version)], "refit start")
-            try:
-                refs = [self._submit("load_bucket", "file", {"path": f}) for f in files]
-                self._wait(refs, "refit bucket load")
-            except BaseException:
-                self._abort_refit()
-                raise
-            stats = self._wait([self._submit("end_refit", version, True)], "refit end")[0]
+            stats = self.load_bucket_files(files, version)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         total = time.perf_counter() - start
@@ -203,6 +198,17 @@ class EngineClient(GenerationEngine):
                 "gb_per_s": nbytes / total / 1e9,
             }
         )
+
+    def load_bucket_files(self, files: list[str], version: int) -> dict[str, Any]:
+        """Loads safetensors bucket files a policy wrote (the `files` refit), as weight version `version`."""
+        self._wait([self._submit("begin_refit", version)], "refit start")
+        try:
+            refs = [self._submit("load_bucket", "file", {"path": f}) for f in files]
+            self._wait(refs, "refit bucket load")
+        except BaseException:
+            self._abort_refit()
+            raise
+        return self._wait([self._submit("end_refit", version, True)], "refit end")[0]
 
     def version(self) -> int:
         return self._wait([self._submit("ping")], "ping", 60)[0]

@@ -1,7 +1,8 @@
-"""The GRPO controller: one process drives Megatron policy ranks and a vLLM engine through Ray."""
+"""The GRPO controller: one process drives Megatron policy ranks and a group of vLLM engines through Ray."""
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import contextmanager
 from typing import Any
@@ -13,7 +14,7 @@ from megatron_rl.data.prompts import build_prompt_splits
 from megatron_rl.environments.base import make_environment
 from megatron_rl.generation.base import token_mult_prob_error
 from megatron_rl.grpo import rollout
-from megatron_rl.grpo.setup import build_engine, build_policy
+from megatron_rl.grpo.setup import build_engine, build_policy, derive_num_engines
 from megatron_rl.models.starting_model import prepare_model
 from megatron_rl.progress import BARS, step_progress
 from megatron_rl.ray_utils import init_ray
@@ -33,7 +34,8 @@ def run(cfg: Any) -> int:
 
     run_dir = RunDir(cfg)
     console.use_run_dir(run_dir.path)  # before Ray starts: its workers inherit where their logs go
-    init_ray(num_cpus=max(2, int(world_size(cfg) * cfg.cluster.cpus_per_rank) + 1))
+    ranks = world_size(cfg) + (derive_num_engines(cfg) if not cfg.cluster.gpus_per_node else 0)
+    init_ray(num_cpus=max(2, math.ceil(ranks * cfg.cluster.cpus_per_rank) + 1))
     model_dir = prepare_model(cfg, run_dir.path)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code)
     data, eval_items = build_prompt_splits(cfg, tokenizer)  # evaluation prompts are never trained on
@@ -56,7 +58,8 @@ def run(cfg: Any) -> int:
     title, fields = BARS["grpo"]
     with step_progress(title, cfg.run.steps, start, fields) as bar:
         if start == 0 and cfg.run.eval_every:
-            run_dir.log(0, rollout.evaluate(engine, eval_items, env, cfg.generation, cfg.run.eval_samples))
+            evaluation = rollout.evaluate(engine, eval_items, env, cfg.generation, cfg.run.eval_samples)
+            run_dir.log(0, {**evaluation, **engine.step_metrics()})
         for step in range(start + 1, cfg.run.steps + 1):
             t = Timer()
             with t("step"):
@@ -89,6 +92,7 @@ def run(cfg: Any) -> int:
                 metrics.update(
                     rollout.evaluate(engine, eval_items, env, cfg.generation, cfg.run.eval_samples)
                 )
+            metrics.update(engine.step_metrics())  # which engines served, their speed, restarts
             run_dir.log(step, metrics)
             bar.update(step, metrics)
             # checkpoint_every=0: only the final checkpoint

@@ -1,4 +1,4 @@
-"""Building the GRPO run's parts from config: the policy ranks and the generation engine."""
+"""Building the GRPO run's parts from config: the policy ranks and the generation engine group."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from megatron_rl.config.schema import world_size
 from megatron_rl.dtypes import hf_name
 from megatron_rl.generation.base import EngineSettings, RefitSettings
 from megatron_rl.generation.client import EngineClient
+from megatron_rl.generation.group import EngineGroup
 from megatron_rl.grpo.policy_group import PolicyGroup
 from megatron_rl.grpo.policy_worker import PolicySpec
 from megatron_rl.parallel import ParallelConfig
@@ -36,12 +37,20 @@ def build_policy(cfg: Any, model_dir: str) -> PolicyGroup:
     )
 
 
+def derive_num_engines(cfg: Any) -> int:
+    """`generation.num_engines`, or when 0/null what the layout gives: one on CPU; colocated on GPU, one per
+    `generation.tp` policy GPUs; separate, one per `generation.tp` of the pool's `generation.gpus`
+    (megatron_rl.placement's table, which every part reads). A layout that cannot be placed is a
+    LayoutError naming why."""
+    return len(placement.check(cfg).engines)
+
+
 def build_engine(
     cfg: Any, model_dir: str, policy_group: Any = None, bundle_of_rank: list[int] | None = None
-) -> EngineClient:
-    """The engine; on GPU it is placed by megatron_rl.placement: colocated in `policy_group` (the policy's
-    placement group; rank r in bundle `bundle_of_rank[r]`) beside its ranks, separate in a placement group
-    of its own."""
+) -> EngineGroup:
+    """The engine group; on GPU its engines are placed by megatron_rl.placement: colocated ones in
+    `policy_group` (the policy's placement group; rank r in bundle `bundle_of_rank[r]`) beside their ranks,
+    separate ones in placement groups of their own."""
     g = cfg.generation
     settings = EngineSettings(
         tp=g.tp,
@@ -54,8 +63,19 @@ def build_engine(
         seed=cfg.run.seed,
     )
     table = placement.check(cfg)
-    refit = RefitSettings(transport=g.refit_transport, bucket_mb=g.refit_bucket_mb)
-    resources = placement.engine_resources(cfg, table, 0, policy_group, bundle_of_rank) if table.gpu else None
-    return EngineClient(
-        model_dir, settings, num_cpus=cfg.cluster.cpus_per_rank, refit=refit, resources=resources
-    )
+    refit = RefitSettings(transport=g.refit_transport, bucket_mb=g.refit_bucket_mb, timeout_s=g.timeout_s)
+
+    def start_engine(index: int) -> EngineClient:
+        return EngineClient(
+            model_dir,
+            settings,
+            num_cpus=cfg.cluster.cpus_per_rank,
+            resources=placement.engine_resources(cfg, table, index, policy_group, bundle_of_rank)
+            if table.gpu
+            else None,
+            timeout_s=g.timeout_s,
+            refit=refit,
+            log_name=f"engine{index}",
+        )
+
+    return EngineGroup(start_engine, derive_num_engines(cfg), g.max_failures, g.timeout_s)
