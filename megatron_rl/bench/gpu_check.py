@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from megatron_rl import platform
 from megatron_rl.errors import UserError
 
 PROMPTS = [[1] + list(range(10 + i, 42 + i)) for i in range(2)]
@@ -31,7 +32,7 @@ class Deadline(BaseException):
 
 def preflight() -> int:
     """The number of CUDA GPUs this process sees; a UserError (one line, exit 2) when there is none."""
-    if not torch.cuda.is_available():
+    if platform.use_cpu():
         raise UserError(
             "gpu-check needs a CUDA GPU: this machine has none visible to torch "
             f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}). Run it on a GPU node "

@@ -13,7 +13,8 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -178,17 +179,13 @@ class EngineClient(GenerationEngine):
         if transport != "files" and hasattr(policy, "push_hf_weights"):
             engine = self.with_refit(transport=transport, bucket_mb=bucket_mb or self.refit.bucket_mb)
             stats = policy.push_hf_weights(engine, version)
-            return _complete({**stats, "refit_s": time.perf_counter() - start})
-        root = "/dev/shm" if Path("/dev/shm").is_dir() else tempfile.gettempdir()
-        workdir = tempfile.mkdtemp(prefix="megatron_rl_refit_", dir=root)
-        try:
+            return check_complete({**stats, "refit_s": time.perf_counter() - start})
+        with refit_workdir() as workdir:
             files, nbytes = policy.write_hf_buckets(workdir, bucket_mb or max(1, round(self.refit.bucket_mb)))
             exported = time.perf_counter()
             stats = self.load_bucket_files(files, version)
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
         total = time.perf_counter() - start
-        return _complete(
+        return check_complete(
             {
                 **stats,
                 "transport": "files",
@@ -230,7 +227,18 @@ class EngineClient(GenerationEngine):
             self.resources.release()
 
 
-def _complete(stats: dict[str, Any]) -> dict[str, Any]:
+@contextmanager
+def refit_workdir() -> Iterator[str]:
+    """Scratch folder of the `files` refit's bucket files: shared memory where the node has it."""
+    root = "/dev/shm" if Path("/dev/shm").is_dir() else tempfile.gettempdir()
+    workdir = tempfile.mkdtemp(prefix="megatron_rl_refit_", dir=root)
+    try:
+        yield workdir
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def check_complete(stats: dict[str, Any]) -> dict[str, Any]:
     """A refit that left engine parameters at their old values would train against a stale sampler with no
     other symptom than a slowly growing token_mult_prob_error: fail it instead."""
     missing = stats.get("missing") or []

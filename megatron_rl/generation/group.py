@@ -28,7 +28,7 @@ import torch
 from megatron_rl import console
 from megatron_rl.generation import fanout, transports
 from megatron_rl.generation.base import GenerationEngine, Sample, SamplingSettings
-from megatron_rl.generation.client import EngineClient, _complete
+from megatron_rl.generation.client import EngineClient, check_complete, refit_workdir
 from megatron_rl.ray_utils import WorkerError, gather
 
 
@@ -179,7 +179,7 @@ class EngineGroup(GenerationEngine):
             ]
             if chosen[0].refit.transport == "files" or not hasattr(policy, "push_hf_weights"):
                 return _files_refit(policy, chosen, v)
-            return _complete(policy.push_hf_weights(chosen, v))  # rank 0 fans its one export out
+            return check_complete(policy.push_hf_weights(chosen, v))  # rank 0 fans its one export out
 
         self._export = export
         return self._refit(version, export)
@@ -191,7 +191,9 @@ class EngineGroup(GenerationEngine):
         only be refitted after a `refit_from`.)"""
 
         def export(clients: dict[int, EngineClient], v: int) -> dict[str, Any]:
-            return _complete(fanout.send_to_engines(list(clients.values()), weights, v, reset_prefix_cache))
+            return check_complete(
+                fanout.send_to_engines(list(clients.values()), weights, v, reset_prefix_cache)
+            )
 
         self._export = None  # the policy of an earlier refit_from no longer holds these weights
         return self._refit(version, export)
@@ -316,20 +318,13 @@ class EngineGroup(GenerationEngine):
 def _files_refit(policy: Any, clients: list[EngineClient], version: int) -> dict[str, Any]:
     """The `files` refit for many engines: the policy's ranks write the bucket files once, every engine loads
     them (side by side)."""
-    import shutil
-    import tempfile
-
     start = time.perf_counter()
-    root = "/dev/shm" if Path("/dev/shm").is_dir() else tempfile.gettempdir()
-    workdir = tempfile.mkdtemp(prefix="megatron_rl_refit_", dir=root)
-    try:
+    with refit_workdir() as workdir:
         files, nbytes = policy.write_hf_buckets(workdir, max(1, round(clients[0].refit.bucket_mb)))
         with ThreadPoolExecutor(len(clients)) as pool:
             stats = list(pool.map(lambda c: c.load_bucket_files(files, version), clients))
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
     total = time.perf_counter() - start
-    return _complete(
+    return check_complete(
         {
             "transport": "files",
             "refit_s": total,
