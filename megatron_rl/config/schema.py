@@ -153,6 +153,16 @@ class DataConfig:
 @dataclass
 class EnvConfig:
     name: str = "math"
+    # Keyword arguments of the environment's constructor (e.g. a game's range, a tool's limits).
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    # Multi-turn episodes when > 1 (docs/agents.md): the model's turns per episode at most; each turn samples
+    # at most generation.max_new_tokens.
+    max_turns: int = 1
+    # Tokens one episode may hold (prompt, model turns and observations); 0: generation.max_model_len. An
+    # episode that reaches it is cut and its finish reason is "truncated" (the overlong filter applies).
+    max_episode_tokens: int = 0
+    # Threads running environment steps (one episode each), so a slow step holds only its own episode.
+    step_workers: int = 8
 
 
 @dataclass
@@ -237,6 +247,9 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "generation.num_engines": (0, None),
     "generation.max_failures": (0, None),
     "generation.timeout_s": (1, None),
+    "env.max_turns": (1, None),
+    "env.max_episode_tokens": (0, None),
+    "env.step_workers": (1, None),
     "grpo.prompts_per_step": (1, None),
     "grpo.num_generations": (1, None),
     "grpo.clip_low": (0, 1),

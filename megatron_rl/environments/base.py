@@ -4,11 +4,16 @@ Single turn (GRPO's default): implement `score(responses, metadata) -> rewards`;
 dataset knew about sample i's prompt (e.g. {"answer": "7"}). Override `score_with_info` to also return a
 per-sample info dict (what was extracted, why it failed) for logging.
 
-Multi-turn: override `step(histories, metadata)`. A history is the conversation so far (chat messages,
-the last one the model's reply); `step` returns, per episode, the next observation (a user/tool message
-the rollout loop appends before generating again), a reward for this step, and whether the episode is
-done. The default `step` is single-turn: score the last reply and finish. `environments.multi_turn
-.run_episodes` is the loop that drives a batch of episodes until every one is done.
+Multi-turn (`env.max_turns` > 1): override `step(histories, metadata)`. A history is the conversation so far
+as chat messages (the prompt's, then per turn the model's reply as decoded text and the observations); the
+last one is the model's reply. `step` returns, per episode, a `StepResult`: the observation messages (a
+"user" or "tool" turn, rendered once with the chat template and appended as tokens before the model's next
+turn), a reward for this step, whether the episode is done, and what it did (`tool_calls`, `tool_errors`,
+logged per episode). The rollout (environments.multi_turn) calls `step` with one episode at a time from a
+pool of `env.step_workers` threads, so a slow step (a tool running code) holds only its own episode; an
+environment that keeps state across calls must guard it. A step that raises fails its episode only: the
+episode is dropped from its group (advantages are computed over group ids, so the group shrinks).
+The default `step` is single-turn: score the last reply and finish.
 """
 
 from __future__ import annotations
@@ -24,10 +29,13 @@ Message = dict[str, str]
 
 @dataclass
 class StepResult:
-    observation: Message | None  # appended to the conversation when not done (role "user" or "tool")
+    # Appended to the conversation when not done: one message or several (e.g. one "tool" message per call).
+    observation: Message | list[Message] | None
     reward: float
     done: bool
     info: dict[str, Any] = field(default_factory=dict)
+    tool_calls: int = 0  # tool calls the model made in this turn (metrics: per episode)
+    tool_errors: int = 0  # of them, the malformed or failed ones (answered with an error observation)
 
 
 class Environment(ABC):

@@ -24,7 +24,7 @@ def sampling_settings(gen: Any, n: int, seed: int, greedy: bool = False) -> Samp
 
 def generate(engine: Any, items: list[dict[str, Any]], sampling: SamplingSettings) -> Rollouts:
     results = engine.generate([it["prompt_ids"] for it in items], sampling)
-    out = Rollouts([], [], [], [], [], sampling.n, [])
+    out = Rollouts([], [], [], [], [], sampling.n)
     for item, samples in zip(items, results):
         meta = {"answer": item["answer"], "prompt": item["prompt"]}
         for s in samples:
@@ -38,10 +38,16 @@ def generate(engine: Any, items: list[dict[str, Any]], sampling: SamplingSetting
     return out
 
 
-def informative_groups(rewards: torch.Tensor, group_size: int) -> list[int]:
-    """Groups whose rewards differ: the only ones with a nonzero group-relative advantage."""
-    grouped = rewards.view(-1, group_size)
-    return [i for i in range(grouped.shape[0]) if grouped[i].max() > grouped[i].min()]
+def informative_groups(rewards: torch.Tensor, groups: int | torch.Tensor) -> list[int]:
+    """Groups whose rewards differ: the only ones with a nonzero group-relative advantage. `groups`: the
+    group size (contiguous groups) or each sample's group id; the ids come back in first-seen order."""
+    if not torch.is_tensor(groups):
+        grouped = rewards.view(-1, groups)
+        return [i for i in range(grouped.shape[0]) if grouped[i].max() > grouped[i].min()]
+    seen: dict[int, list[float]] = {}
+    for g, r in zip(groups.tolist(), rewards.tolist()):
+        seen.setdefault(g, []).append(r)
+    return [g for g, rs in seen.items() if max(rs) > min(rs)]
 
 
 def collect(
