@@ -223,7 +223,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "generation.refit_transport": ("auto", "shm", "cuda_ipc", "broadcast", "files"),
     "grpo.loss_agg": ("token_mean", "seq_mean"),
     "grpo.kl_estimator": ("k1", "k3"),
-    "data.kind": ("arithmetic", "jsonl"),
+    "data.kind": ("arithmetic", "jsonl", "environment"),
     "logger.wandb_mode": ("offline", "online"),
     "cluster.launcher": ("local", "slurm"),
 }

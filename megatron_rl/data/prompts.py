@@ -97,6 +97,15 @@ def build_prompt_splits(cfg: Any, tokenizer: Any) -> tuple[PromptDataset, list[d
 
     d = cfg.data
     n_eval = cfg.run.eval_size if cfg.run.eval_every else 0
+    if d.kind == "environment":  # the environment supplies its tasks: env.problem(index)
+        from megatron_rl.environments.base import make_environment
+
+        env = make_environment(cfg.env.name, **cfg.env.kwargs)
+        if not hasattr(env, "problem"):
+            raise UserError(f"data.kind=environment: the environment {cfg.env.name!r} supplies no problems.")
+        held_out = PromptDataset(env, tokenizer, d.system_prompt, endless=True)
+        held_out.position = HELD_OUT_START
+        return PromptDataset(env, tokenizer, d.system_prompt, endless=True), held_out.take(n_eval)
     if d.kind != "jsonl":
         held_out = build_prompt_dataset(d, tokenizer)
         held_out.position = HELD_OUT_START

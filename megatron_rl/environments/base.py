@@ -55,7 +55,13 @@ class Environment(ABC):
 
 
 ENVIRONMENTS: Registry[type[Environment]] = Registry(
-    "environment", "env.name", ("megatron_rl.environments.math_verifier",)
+    "environment",
+    "env.name",
+    (
+        "megatron_rl.environments.math_verifier",
+        "megatron_rl.environments.guessing_game",
+        "megatron_rl.environments.tool_arithmetic",
+    ),
 )
 
 

@@ -14,6 +14,7 @@ from megatron_rl.data.prompts import build_prompt_splits
 from megatron_rl.environments.base import make_environment
 from megatron_rl.generation.base import token_mult_prob_error
 from megatron_rl.grpo import rollout
+from megatron_rl.grpo.episodes import episode_setup
 from megatron_rl.grpo.setup import build_engine, build_policy, derive_num_engines
 from megatron_rl.models.starting_model import prepare_model
 from megatron_rl.progress import BARS, step_progress
@@ -39,7 +40,8 @@ def run(cfg: Any) -> int:
     model_dir = prepare_model(cfg, run_dir.path)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code)
     data, eval_items = build_prompt_splits(cfg, tokenizer)  # evaluation prompts are never trained on
-    env, advantage = make_environment(cfg.env.name), get_advantage(cfg.grpo.advantage)
+    env, advantage = make_environment(cfg.env.name, **cfg.env.kwargs), get_advantage(cfg.grpo.advantage)
+    episodes = episode_setup(cfg, tokenizer)  # None unless multi-turn (env.max_turns > 1)
     g = cfg.grpo
     loss_settings = {
         k: g[k]
@@ -58,7 +60,9 @@ def run(cfg: Any) -> int:
     title, fields = BARS["grpo"]
     with step_progress(title, cfg.run.steps, start, fields) as bar:
         if start == 0 and cfg.run.eval_every:
-            evaluation = rollout.evaluate(engine, eval_items, env, cfg.generation, cfg.run.eval_samples)
+            evaluation = rollout.evaluate(
+                engine, eval_items, env, cfg.generation, cfg.run.eval_samples, episodes=episodes
+            )
             run_dir.log(0, {**evaluation, **engine.step_metrics()})
         for step in range(start + 1, cfg.run.steps + 1):
             t = Timer()
@@ -90,7 +94,9 @@ def run(cfg: Any) -> int:
             metrics["throughput/tokens_per_s"] = sum(len(s["ids"]) for s in seqs) / t["timing/step_s"]
             if cfg.run.eval_every and (step % cfg.run.eval_every == 0 or step == cfg.run.steps):
                 metrics.update(
-                    rollout.evaluate(engine, eval_items, env, cfg.generation, cfg.run.eval_samples)
+                    rollout.evaluate(
+                        engine, eval_items, env, cfg.generation, cfg.run.eval_samples, episodes=episodes
+                    )
                 )
             metrics.update(engine.step_metrics())  # which engines served, their speed, restarts
             run_dir.log(step, metrics)

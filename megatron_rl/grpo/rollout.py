@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from megatron_rl.generation.base import SamplingSettings
-from megatron_rl.grpo.batch import Rollouts
+from megatron_rl.grpo.batch import CUT, Rollouts
 
 
 def sampling_settings(gen: Any, n: int, seed: int, greedy: bool = False) -> SamplingSettings:
@@ -35,6 +35,9 @@ def generate(engine: Any, items: list[dict[str, Any]], sampling: SamplingSetting
             out.metadata.append(meta)
             out.responses.append(s.text)
             out.weight_version = s.weight_version
+            out.routed_experts.append(s.routed_experts)
+    if not any(r is not None for r in out.routed_experts):
+        out.routed_experts = []  # a dense model, or router replay off
     return out
 
 
@@ -51,55 +54,75 @@ def informative_groups(rewards: torch.Tensor, groups: int | torch.Tensor) -> lis
 
 
 def collect(
-    engine: Any, data: Any, env: Any, advantage_fn: Any, cfg: Any, seed: int
+    engine: Any, data: Any, env: Any, advantage_fn: Any, cfg: Any, seed: int, episodes: Any = None
 ) -> tuple[Rollouts, dict]:
-    """One step's rollouts. With dynamic sampling, groups whose rewards are all equal (no learning signal)
-    are dropped and more prompts are drawn, up to `max_refill_batches` extra draws."""
+    """One step's rollouts: one response per sample, or with `episodes` (grpo.episodes.episode_setup, for
+    env.max_turns > 1) one multi-turn episode per sample, grouped by prompt through group ids. With dynamic
+    sampling, groups whose rewards are all equal (no learning signal) are dropped and more prompts are
+    drawn, up to `max_refill_batches` extra draws."""
+    from megatron_rl.grpo.episodes import episode_metrics, episode_setup, play
+
+    if episodes is None:
+        episodes = episode_setup(cfg, data.tokenizer)  # None for single-turn runs
     g = cfg.grpo
     kept: list[Rollouts] = []
     n_groups = drawn = 0
     rewards_all: list[torch.Tensor] = []
+    played = []
     for attempt in range(1 + (g.max_refill_batches if g.dynamic_sampling else 0)):
-        batch = generate(
-            engine,
-            data.take(g.prompts_per_step),
-            sampling_settings(cfg.generation, g.num_generations, seed + attempt),
-        )
-        batch.rewards = torch.tensor(env.score(batch.responses, batch.metadata), dtype=torch.float32)
+        items = data.take(g.prompts_per_step)
+        sampling = sampling_settings(cfg.generation, g.num_generations, seed + attempt)
+        groups: int | torch.Tensor = g.num_generations
+        if episodes is None:
+            batch = generate(engine, items, sampling)
+            batch.rewards = torch.tensor(env.score(batch.responses, batch.metadata), dtype=torch.float32)
+        else:
+            batch, episode_batch = play(engine, env, items, sampling, episodes)
+            played.append(episode_batch)
+            groups = batch.groups()
         rewards_all.append(batch.rewards)
         drawn += g.prompts_per_step
-        batch.advantages = advantage_fn(batch.rewards, g.num_generations, normalize_std=g.normalize_std)
+        batch.advantages = advantage_fn(batch.rewards, groups, normalize_std=g.normalize_std)
         if g.dynamic_sampling:
-            informative = informative_groups(batch.rewards, g.num_generations)
+            informative = informative_groups(batch.rewards, groups)
             batch = batch.select_groups(informative[: g.prompts_per_step - n_groups])
         kept.append(batch)
-        n_groups += len(batch) // g.num_generations
+        n_groups += len(batch) // g.num_generations if episodes is None else len(set(batch.groups().tolist()))
         if not g.dynamic_sampling or n_groups >= g.prompts_per_step:
             break
     rollouts = Rollouts.concat(kept)
     rewards = torch.cat(rewards_all)  # every scored sample, kept or not: the honest reward curve
-    lengths = torch.tensor([len(r) for r in rollouts.response_ids], dtype=torch.float32)
+    # the model's tokens (an episode's observations are not its response)
+    lengths = torch.tensor([sum(rollouts.mask_of(i)) for i in range(len(rollouts))], dtype=torch.float32)
     stats = {
         "reward/mean": rewards.mean().item(),
         "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
         "response_length/mean": lengths.mean().item() if len(lengths) else 0.0,
         "response_length/max": lengths.max().item() if len(lengths) else 0.0,
-        "rollout/truncated_fraction": sum(f == "length" for f in rollouts.finish_reasons)
-        / max(len(rollouts), 1),
+        "rollout/truncated_fraction": sum(f in CUT for f in rollouts.finish_reasons) / max(len(rollouts), 1),
         "rollout/groups_kept": float(n_groups),
         "rollout/prompts_drawn": float(drawn),
     }
+    if played:
+        stats.update(episode_metrics(played))
     return rollouts, stats
 
 
 def evaluate(
-    engine: Any, items: list[dict[str, Any]], env: Any, gen_cfg: Any, samples: int = 0
+    engine: Any, items: list[dict[str, Any]], env: Any, gen_cfg: Any, samples: int = 0, episodes: Any = None
 ) -> dict[str, float]:
     """Held-out accuracy: greedy (`eval/accuracy`) and, with `samples` > 0, the mean over that many samples
-    per prompt at the training temperature (`eval/accuracy_sampled`, what the policy actually generates)."""
+    per prompt at the training temperature (`eval/accuracy_sampled`, what the policy actually generates).
+    With `episodes` (multi-turn), the mean episode reward."""
 
     def accuracy(n: int, greedy: bool) -> float:
-        batch = generate(engine, items, sampling_settings(gen_cfg, n, seed=0, greedy=greedy))
+        sampling = sampling_settings(gen_cfg, n, seed=0, greedy=greedy)
+        if episodes is not None:
+            from megatron_rl.grpo.episodes import play
+
+            batch = play(engine, env, items, sampling, episodes)[0]
+            return batch.rewards.mean().item()
+        batch = generate(engine, items, sampling)
         scores = env.score(batch.responses, batch.metadata)
         return sum(scores) / max(len(scores), 1)
 

@@ -31,5 +31,14 @@ def prepare_model(cfg: Any, run_path: Path) -> str:
 
     from megatron_rl.models.warm_start import sft_warm_start
 
-    sft_warm_start(raw, final, cfg.model.warmup_sft_steps, OmegaConf.to_container(cfg.data.arithmetic))
+    environment = None
+    if cfg.data.kind == "environment":  # the environment's own demonstrations (e.g. the guessing game)
+        environment = (cfg.env.name, OmegaConf.to_container(cfg.env.kwargs))
+    sft_warm_start(
+        raw,
+        final,
+        cfg.model.warmup_sft_steps,
+        OmegaConf.to_container(cfg.data.arithmetic),
+        environment=environment,
+    )
     return str(final)

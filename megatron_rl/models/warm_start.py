@@ -19,7 +19,30 @@ def _nll(logprobs: torch.Tensor, mb: dict[str, Any]):
     return -(logprobs * mask).sum(), int(mask.sum()), {}
 
 
-def _train(rank: int, hf_dir: str, out_dir: str, steps: int, arithmetic: dict[str, Any], lr: float) -> float:
+def _environment_batches(tok: Any, name: str, kwargs: dict[str, Any]):
+    """SFT batches of an environment's played demonstrations (`demonstration(index)`), model turns trained."""
+    from megatron_rl.data.chat import tokenize_conversation, training_sequence
+    from megatron_rl.environments.base import make_environment
+
+    env = make_environment(name, **kwargs)
+    index = 10_000_000  # away from the RL problems' indices
+    while True:
+        batch = []
+        for _ in range(32):
+            batch.append(training_sequence(*tokenize_conversation(tok, env.demonstration(index))))
+            index += 1
+        yield batch
+
+
+def _train(
+    rank: int,
+    hf_dir: str,
+    out_dir: str,
+    steps: int,
+    arithmetic: dict[str, Any],
+    lr: float,
+    environment: tuple[str, dict[str, Any]] | None = None,
+) -> float:
     from transformers import AutoTokenizer
 
     from checkpoint_converters import export_hf_weights, load_hf_weights
@@ -43,6 +66,11 @@ def _train(rank: int, hf_dir: str, out_dir: str, steps: int, arithmetic: dict[st
         endless=True,
     )
     loss = float("nan")
+    if environment is not None:
+        batches = _environment_batches(tok, *environment)
+        for _ in range(steps):
+            loss = policy.train_step([collate_sequences(next(batches))], _nll)["loss"]
+        steps = 0
     for _ in range(steps):
         seqs = []
         for item in data.take(32):
@@ -58,9 +86,15 @@ def _train(rank: int, hf_dir: str, out_dir: str, steps: int, arithmetic: dict[st
 
 
 def sft_warm_start(
-    hf_dir: str | Path, out_dir: str | Path, steps: int, arithmetic: dict[str, Any], lr: float = 1e-3
+    hf_dir: str | Path,
+    out_dir: str | Path,
+    steps: int,
+    arithmetic: dict[str, Any],
+    lr: float = 1e-3,
+    environment: tuple[str, dict[str, Any]] | None = None,
 ) -> float:
-    """Returns the final SFT loss; the warmed-up model is written to `out_dir`."""
+    """Returns the final SFT loss; the warmed-up model is written to `out_dir`. With `environment` (name,
+    kwargs: data.kind=environment) it trains on that environment's demonstrations instead of arithmetic."""
     return distributed.spawn(
-        _train, 1, str(hf_dir), str(out_dir), steps, arithmetic, lr, log_name="warm_start"
+        _train, 1, str(hf_dir), str(out_dir), steps, arithmetic, lr, environment, log_name="warm_start"
     )[0]

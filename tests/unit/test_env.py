@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_rl.environments.base import Environment, StepResult, make_environment, register_environment
+from megatron_rl.environments.base import StepResult, make_environment
 from megatron_rl.environments.math_verifier import MathVerifier, extract_answer, parse_number
-from megatron_rl.environments.multi_turn import run_episodes
 from megatron_rl.errors import UserError
 
 
@@ -70,51 +69,31 @@ def test_registry_lists_environments():
         make_environment("chess")
 
 
-class GuessTheNumber(Environment):
-    """A toy multi-turn environment: the model guesses, the environment says higher/lower."""
-
-    def score(self, responses, metadata):
-        return [float(r.strip() == str(m["secret"])) for r, m in zip(responses, metadata)]
-
-    def step(self, histories, metadata):
-        out = []
-        for h, m in zip(histories, metadata):
-            guess = int(h[-1]["content"])
-            if guess == m["secret"]:
-                out.append(StepResult(None, 1.0, True, {"guess": guess}))
-            else:
-                hint = "higher" if guess < m["secret"] else "lower"
-                out.append(StepResult({"role": "user", "content": hint}, -0.1, False, {"guess": guess}))
-        return out
-
-
-def test_multi_turn_episodes_run_until_done():
-    register_environment("test_only_guess")(GuessTheNumber)
-    env = make_environment("test_only_guess")
-
-    def respond(histories):  # a "policy" that bisects 0..10 from the hints
-        replies = []
-        for h in histories:
-            lo, hi = 0, 10
-            for i in range(2, len(h), 2):  # (assistant guess, user hint) pairs after the first user message
-                g = int(h[i - 1]["content"]) if h[i - 1]["role"] == "assistant" else None
-                if g is not None and h[i]["content"] == "higher":
-                    lo = g + 1
-                elif g is not None:
-                    hi = g - 1
-            replies.append(str((lo + hi) // 2))
-        return replies
-
-    start = [[{"role": "user", "content": "guess 0..10"}]] * 3
-    episodes = run_episodes(env, respond, start, [{"secret": 5}, {"secret": 9}, {"secret": 0}], max_turns=3)
-    # secret 5: guess 5, done at once. secret 9: 5 (higher), 8 (higher), 9 -> 3 turns, -0.1 -0.1 +1.
-    # secret 0: 5 (lower), 2 (lower), 0 (correct) -> 3 turns (bisect of 0..4 is 2, then 0..1 is 0).
-    assert [e.turns for e in episodes] == [1, 3, 3]
-    assert [e.reward for e in episodes] == pytest.approx([1.0, 0.8, 0.8])
-    assert all(e.done and not e.truncated for e in episodes)
-    assert [m["content"] for m in episodes[1].messages] == ["guess 0..10", "5", "higher", "8", "higher", "9"]
-    cut = run_episodes(env, respond, start[:1], [{"secret": 9}], max_turns=2)[0]
-    assert cut.truncated and cut.turns == 2 and cut.reward == pytest.approx(-0.2)
+def test_guessing_game_hints_rewards_and_problems():
+    game = make_environment("guessing_game", low=0, high=7, turn_cost=0.25)
+    history = [{"role": "user", "content": game.prompt()}]
+    hints = []
+    for guess in ("3", "x", "6", "5"):
+        history.append({"role": "assistant", "content": guess})
+        (res,) = game.step([history], [{"answer": "5"}])
+        hints.append(res.observation["content"] if res.observation else res.reward)
+        if res.observation:
+            history.append(res.observation)
+    assert hints == ["higher", "Reply with one number from 0 to 7.", "lower", 0.25]  # 4th turn: 1 - 3 * 0.25
+    assert game.problem(3) == game.problem(3) and {game.problem(i)["answer"] for i in range(50)} == {
+        str(v) for v in range(8)
+    }
+    for i in range(20):  # played games: each guess within what the hints so far allow, the last one right
+        demo = game.demonstration(i)
+        guesses = [int(m["content"]) for m in demo if m["role"] == "assistant"]
+        hints = [m["content"] for m in demo[2::2]]
+        secret, lo, hi = guesses[-1], 0, 7
+        for guess, hint in zip(guesses, hints):
+            assert lo <= guess <= hi and hint == ("higher" if guess < secret else "lower")
+            lo, hi = (guess + 1, hi) if hint == "higher" else (lo, guess - 1)
+        assert len(hints) == len(guesses) - 1
+    with pytest.raises(UserError, match="low"):
+        make_environment("guessing_game", low=5, high=1)
 
 
 def test_single_turn_environment_step_scores_and_finishes():

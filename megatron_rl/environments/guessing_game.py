@@ -1,0 +1,84 @@
+"""A multi-turn guessing game: the model guesses a hidden number, the environment answers "higher" or
+"lower", until the model finds it or runs out of turns (`env.max_turns`).
+
+Reward: 1 for finding the number, less `turn_cost` for every turn before the one that found it; 0 when it
+was not found. A reply that is not a number in range counts as a wrong guess and gets a reminder instead of
+a hint. The game also supplies its own prompts (`data.kind=environment`: `problem(index)`, seeded, endless)
+and demonstrations for the tiny model's SFT warm start (`demonstration(index)`: a player that guesses
+uniformly among the numbers the hints so far allow), which teach the format and some use of the hints;
+GRPO then learns to use them better (bisecting finds it in fewer turns).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from typing import Any
+
+from megatron_rl.environments.base import Environment, Message, StepResult, register_environment
+from megatron_rl.errors import UserError
+
+_INT = re.compile(r"^\s*(-?\d+)\s*\.?\s*$")
+
+
+@register_environment("guessing_game")
+class GuessingGame(Environment):
+    def __init__(self, low: int = 0, high: int = 7, turn_cost: float = 0.0, seed: int = 0) -> None:
+        if low > high:
+            raise UserError(f"env.kwargs: the guessing game's low ({low}) must not exceed high ({high}).")
+        self.low, self.high, self.turn_cost, self.seed = low, high, turn_cost, seed
+
+    # Tasks and demonstrations
+
+    def prompt(self) -> str:
+        return f"Guess my number ({self.low}-{self.high})."
+
+    def problem(self, index: int) -> dict[str, Any]:
+        secret = random.Random(f"{self.seed}/{index}").randint(self.low, self.high)
+        return {"prompt": self.prompt(), "answer": str(secret)}
+
+    def hint(self, guess: int | None, secret: int) -> str:
+        if guess is None or not self.low <= guess <= self.high:
+            return f"Reply with one number from {self.low} to {self.high}."
+        return "higher" if guess < secret else "lower"
+
+    def demonstration(self, index: int, max_turns: int = 8) -> list[Message]:
+        """A played game (prompt, guesses, hints) for SFT: guesses uniform among the numbers still
+        possible."""
+        rng = random.Random(f"demo/{self.seed}/{index}")
+        secret = rng.randint(self.low, self.high)
+        lo, hi = self.low, self.high
+        messages: list[Message] = [{"role": "user", "content": self.prompt()}]
+        for _ in range(max_turns):
+            guess = rng.randint(lo, hi)
+            messages.append({"role": "assistant", "content": str(guess)})
+            if guess == secret:
+                break
+            messages.append({"role": "user", "content": self.hint(guess, secret)})
+            lo, hi = (guess + 1, hi) if guess < secret else (lo, guess - 1)
+        return messages
+
+    # Playing
+
+    @staticmethod
+    def parse(reply: str) -> int | None:
+        m = _INT.match(reply)
+        return int(m.group(1)) if m else None
+
+    def step(self, histories: list[list[Message]], metadata: list[dict[str, Any]]) -> list[StepResult]:
+        out = []
+        for history, meta in zip(histories, metadata):
+            secret = int(meta["answer"])
+            guess = self.parse(history[-1]["content"])
+            turns = sum(m["role"] == "assistant" for m in history)
+            if guess == secret:
+                reward = max(0.0, 1.0 - self.turn_cost * (turns - 1))
+                out.append(StepResult(None, reward, True, {"guess": guess, "turns": turns}))
+            else:
+                hint = {"role": "user", "content": self.hint(guess, secret)}
+                out.append(StepResult(hint, 0.0, False, {"guess": guess, "turns": turns}))
+        return out
+
+    def score(self, responses: list[str], metadata: list[dict[str, Any]]) -> list[float]:
+        """Single-turn use (env.max_turns=1): found at the first guess."""
+        return [float(self.parse(r) == int(m["answer"])) for r, m in zip(responses, metadata)]
