@@ -56,7 +56,10 @@ class ModelConfig:
     hf_path: str = "tiny:llama"
     dtype: str = "fp32"
     trust_remote_code: bool = False
-    warmup_sft_steps: int = 0  # tiny models only: SFT warm start so RL has signal to amplify
+    # SFT warm start so RL has signal to amplify: tiny models, and SmolLM2 on an environment's demonstrations
+    # (data.kind=environment).
+    warmup_sft_steps: int = 0
+    warmup_sft_lr: float = 1.0e-3
     arch: ArchConfig = field(default_factory=ArchConfig)
 
 

