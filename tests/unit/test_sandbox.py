@@ -7,8 +7,10 @@ import ast
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import replace
@@ -153,3 +155,36 @@ def test_cli_missing_file_is_one_line_and_exit_2(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr.startswith("error: ") and run.stderr.count("\n") == 1 and "nope.py" in run.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv to run as a user")
+def test_an_unprivileged_trainer_gets_the_same_limits():
+    # Not root: no uid to drop to, so the process limit counts from the user's own processes, and the
+    # namespaces come from a user namespace. The trainer side runs as an ordinary uid here.
+    with tempfile.TemporaryDirectory(dir="/tmp") as folder:  # pytest's tmp_path is private to root
+        _run_as_user(Path(folder))
+
+
+def _run_as_user(tmp_path: Path) -> None:
+    script = tmp_path / "as_user.py"
+    script.write_text(
+        f"import json, sys\nsys.path.insert(0, {str(Path(__file__).parents[2])!r})\n"
+        "from megatron_rl.environments.sandbox import SandboxLimits, run_python\n"
+        "limits = SandboxLimits(timeout_s=5, cpu_s=1, max_processes=8)\n"
+        "runs = [run_python(c, limits) for c in ('print(6 * 7)', 'import os\\nwhile True:\\n    os.fork()',\n"
+        "        \"open('/tmp/mrl-sandbox-user-escape', 'w')\")]\n"
+        "print(json.dumps([[r.ok, r.error, r.stdout, r.enforced] for r in runs]))\n"
+    )
+    tmp_path.chmod(0o755)
+    script.chmod(0o644)
+    python = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
+    run = subprocess.run(["setpriv", "--reuid=4321", "--regid=4321", "--clear-groups", python, str(script)],
+                         capture_output=True, text=True, timeout=60)
+    if run.returncode != 0 and "Permission denied" in run.stderr:
+        pytest.skip(f"the test user cannot read the checkout: {run.stderr[-200:]}")
+    assert run.returncode == 0, run.stderr
+    hello, bomb, escape = json.loads(run.stdout)
+    assert hello[:3] == [True, None, "42\n"] and "uid" not in hello[3]
+    assert not bomb[0] and "process limit reached" in bomb[1]
+    assert not escape[0] and "PermissionError" in escape[1]
+    assert not Path("/tmp/mrl-sandbox-user-escape").exists()
