@@ -58,7 +58,12 @@ class Registry(Generic[T]):
 POLICY_LOSSES: Registry[Callable[..., Any]] = Registry(
     "policy loss",
     "grpo.loss",
-    ("megatron_rl.algorithms.losses", "megatron_rl.algorithms.gspo", "megatron_rl.algorithms.dpo"),
+    (
+        "megatron_rl.algorithms.losses",
+        "megatron_rl.algorithms.gspo",
+        "megatron_rl.algorithms.dpo",
+        "megatron_rl.algorithms.decoupled",
+    ),
 )
 ADVANTAGES: Registry[Callable[..., Any]] = Registry(
     "advantage estimator", "grpo.advantage", ("megatron_rl.algorithms.advantages",)
