@@ -3,6 +3,7 @@
 python -m megatron_rl.bench train [--rounds N] [--models tiny,smollm2]
 python -m megatron_rl.bench refit [--models smollm2,llama1b] [--engines 1,2] [--rounds N]
 python -m megatron_rl.bench gpu-check [--model llama1b]   # one GPU machine: CUDA IPC / NCCL refit figures
+python -m megatron_rl.bench async [--steps N] [--max-staleness K] [--threads T]   # sync vs async GRPO step
 """
 
 from __future__ import annotations
@@ -51,8 +52,29 @@ def main(argv: list[str] | None = None) -> int:
     gpu.add_argument("--model", default="llama1b", choices=["smollm2", "llama1b"])
     gpu.add_argument("--rounds", type=int, default=3)
     gpu.add_argument("--deadline-s", type=float, default=540)
+    asy = sub.add_parser("async", help="GRPO step time, synchronous vs asynchronous (tiny model, same threads)")
+    asy.add_argument("--steps", type=int, default=16)
+    asy.add_argument("--max-staleness", type=int, default=1)
+    asy.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads of the policy and the engine")
+    asy.add_argument("--skip", type=int, default=3, help="first steps left out of the median")
+    asy.add_argument("--max-new-tokens", type=int, default=32, help="generation length (untrained: all used)")
     args = parser.parse_args(argv)
 
+    if args.which == "async":
+        from megatron_rl.bench.async_grpo import run_async_bench
+
+        if args.max_staleness < 1 or args.steps < args.skip + 3:
+            parser.error("async needs --max-staleness >= 1 and --steps >= --skip + 3")
+        result = run_async_bench(
+            args.steps,
+            args.max_staleness,
+            args.threads,
+            args.skip,
+            args.max_new_tokens,
+            lambda m: print(m, file=sys.stderr),
+        )
+        print(json.dumps(result), flush=True)
+        return 0
     if args.which == "gpu-check":
         return _gpu_check(args)
 
