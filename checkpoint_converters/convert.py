@@ -50,7 +50,12 @@ def _check_layout(hf: dict[str, Any], tp: int, pp: int, ep: int) -> dict[str, in
 
 def _check_hf_tensors(ckpt: HFCheckpoint, maps: list[Any], tied: bool, arch: str) -> None:
     """Every expected tensor present with its shape, nothing unexpected: checked before writing."""
-    expected = {h: shape for m in maps for h, shape in zip(m.hf_names, m.hf_shapes)}
+    expected = {
+        name: shape
+        for m in maps
+        for h, shape, copies in zip(m.hf_names, m.hf_shapes, m.copies or [()] * len(m.hf_names))
+        for name in (h, *copies)
+    }
     have = set(ckpt.names())
     missing = [h for h in expected if h not in have]
     if missing:
@@ -113,14 +118,16 @@ def hf_to_megatron(
                     m = by_name[name]
                     parts = [ckpt.mapped(h) for h in m.hf_names]
                     pieces = to_megatron_pieces(m.kind, parts, 0, 1, heads, groups)
-                    return [p.to(torch_dtype) for p in pieces]
+                    return [p.to(torch.float32 if m.buffer else torch_dtype) for p in pieces]
 
                 write_torch_dist(
                     tmp / "model", model, param_pieces, lambda name: advance(by_name[name].nbytes)
                 )
             (tmp / "hf_config").mkdir()
             copy_side_files(hf_dir, tmp / "hf_config")
-            source_dtype = {str(ckpt.info(h).dtype).removeprefix("torch.") for m in maps for h in m.hf_names}
+            source_dtype = {
+                str(ckpt.info(h).dtype).removeprefix("torch.") for m in maps if not m.buffer for h in m.hf_names
+            }
             meta = {
                 "architecture": arch,
                 "source": str(Path(hf_dir).resolve()),
@@ -202,9 +209,10 @@ def megatron_to_hf(
         reader = TorchDistReader(ckpt_dir, model)
         maps = param_maps(model, mapping)
         plan = [
-            (h, shape, out_dtype or reader.dtypes[m.name])
+            (name, shape, reader.dtypes[m.name] if m.buffer or out_dtype is None else out_dtype)
             for m in maps
-            for h, shape in zip(m.hf_names, m.hf_shapes)
+            for h, shape, copies in zip(m.hf_names, m.hf_shapes, m.copies or [()] * len(m.hf_names))
+            for name in (h, *copies)
         ]
         needed = sum(math.prod(shape) * dt.itemsize for _, shape, dt in plan)
         needed += files_bytes(cfg_dir, SIDE_FILES) + METADATA_ALLOWANCE
@@ -214,10 +222,12 @@ def megatron_to_hf(
             heads, groups = cfg.num_attention_heads, cfg.num_query_groups
             with byte_progress(f"megatron-to-hf {arch}", writer.total, progress) as advance:
                 for m, tensor in _read_ahead(reader, maps):
-                    for h, t in zip(m.hf_names, to_hf(m.kind, [tensor], heads, groups)):
-                        t = t.to(out_dtype) if out_dtype is not None else t
-                        writer.write(h, t)
-                        advance(t.numel() * t.element_size())
+                    copies = m.copies or [()] * len(m.hf_names)
+                    for h, t, dups in zip(m.hf_names, to_hf(m.kind, [tensor], heads, groups), copies):
+                        t = t.to(out_dtype) if out_dtype is not None and not m.buffer else t
+                        for name in (h, *dups):
+                            writer.write(name, t)
+                            advance(t.numel() * t.element_size())
                     del tensor
             writer.close()
             copy_side_files(cfg_dir, tmp)

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from checkpoint_converters.mapping import ArchMapping, resolve
+from checkpoint_converters.mapping import ArchMapping, named_weights, resolve
 from checkpoint_converters.transforms import to_hf
 from megatron_rl.errors import UserError
 
@@ -60,28 +60,14 @@ def meta_model(hf_config: dict[str, Any], dtype: torch.dtype) -> tuple[Any, Any,
     """The whole model at TP=PP=EP=1 on the meta device: (GPTModel, TransformerConfig, ArchInfo).
 
     Mirrors megatron_rl.models.builder with pre/post-process both on; parameters take no memory."""
-    from megatron.core.models.gpt.gpt_model import GPTModel
-
+    from megatron_rl.models.builder import gpt_model, mtp_built
     from megatron_rl.models.hf_config import transformer_config_from_hf
-    from megatron_rl.models.spec import decoder_block_spec
     from megatron_rl.parallel import ParallelConfig
 
     cfg, info = transformer_config_from_hf(hf_config, ParallelConfig(), dtype, perform_initialization=False)
     with torch.device("meta"):
-        model = GPTModel(
-            config=cfg,
-            transformer_layer_spec=decoder_block_spec(cfg),
-            vocab_size=info.vocab_size,
-            max_sequence_length=info.max_position_embeddings,
-            pre_process=True,
-            post_process=True,
-            share_embeddings_and_output_weights=info.tie_word_embeddings,
-            position_embedding_type="rope",
-            rotary_base=int(info.rotary_base),
-            rope_scaling=info.rope_scaling,
-            rope_scaling_factor=info.rope_scaling_factor,
-        )
-    model.hf_architecture = info.architecture
+        model = gpt_model(cfg, info, pre_process=True, post_process=True)
+    mtp_built(cfg)
     return model, cfg, info
 
 
@@ -95,16 +81,19 @@ class ParamMap:
     shape: tuple[int, ...]
     hf_shapes: tuple[tuple[int, ...], ...]
     nbytes: int
+    buffer: bool = False  # kept in its own dtype (fp32)
+    copies: tuple[tuple[str, ...], ...] = ()  # per HF name, the HF tensors that duplicate it (MTP's)
 
 
 def param_maps(model: Any, mapping: ArchMapping) -> list[ParamMap]:
     cfg = model.config
     out = []
-    for name, p in model.named_parameters():
-        res = resolve(mapping, name, 0, 0, model.share_embeddings_and_output_weights)
+    for name, p in named_weights(model, mapping):
+        res = resolve(mapping, name, 0, 0, model.share_embeddings_and_output_weights, cfg.num_layers)
         if res is None:
             continue
         hf = to_hf(res.rule.kind, [p], cfg.num_attention_heads, cfg.num_query_groups)
+        copies = tuple(tuple(mapping.copies_of(h, cfg.num_layers, model.mtp_layers)) for h in res.hf_names)
         out.append(
             ParamMap(
                 name,
@@ -113,6 +102,8 @@ def param_maps(model: Any, mapping: ArchMapping) -> list[ParamMap]:
                 tuple(p.shape),
                 tuple(tuple(t.shape) for t in hf),
                 p.numel() * p.element_size(),
+                res.rule.buffer,
+                copies,
             )
         )
     return out

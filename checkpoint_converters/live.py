@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from checkpoint_converters.hf_io import HFCheckpoint
-from checkpoint_converters.mapping import ArchMapping, Rule, mapping_for, resolve
+from checkpoint_converters.mapping import ArchMapping, Rule, mapping_for, named_weights, resolve
 from checkpoint_converters.transforms import assemble, hf_slices, to_hf
 from megatron_rl import platform
 from megatron_rl.errors import UserError
@@ -35,6 +35,7 @@ def _context(chunk: Any) -> dict[str, Any]:
         "heads": cfg.num_attention_heads,
         "groups": cfg.num_query_groups,
         "tied": chunk.share_embeddings_and_output_weights,
+        "num_layers": cfg.num_layers,
     }
 
 
@@ -55,20 +56,29 @@ def _tp(expert: bool) -> tuple[int, int, Any]:
 
 
 def _resolve(mapping: ArchMapping, name: str, ctx: dict[str, Any], for_load: bool):
-    resolved = resolve(mapping, name, ctx["layer_offset"], ctx["expert_offset"], ctx["tied"])
+    resolved = resolve(mapping, name, ctx["layer_offset"], ctx["expert_offset"], ctx["tied"], ctx["num_layers"])
     if resolved is None and for_load:  # tied output layer copy on the last stage: load the embedding
         return _TIED_OUTPUT, _TIED_OUTPUT.hf
     return (resolved.rule, resolved.hf_names) if resolved else None
 
 
+def mtp_layers(hf_config: dict[str, Any]) -> int:
+    return hf_config.get("num_nextn_predict_layers") or 0
+
+
 def allowed_hf_names(mapping: ArchMapping, hf_config: dict[str, Any]) -> set[str]:
     layers = hf_config["num_hidden_layers"]
-    experts = hf_config.get("num_experts") or hf_config.get("num_local_experts") or 0
+    experts = (
+        hf_config.get("num_experts") or hf_config.get("num_local_experts") or hf_config.get("n_routed_experts") or 0
+    )
+    mtp = mtp_layers(hf_config)
     names = set()
     for rule in mapping.rules:
         for L in range(layers if "{L}" in rule.megatron else 1):
-            for E in range(experts if rule.expert else 1):
-                names.update(h.format(L=L, E=E) for h in rule.hf)
+            for M in range(mtp if "{M}" in rule.megatron else 1):
+                for E in range(experts if rule.expert else 1):
+                    names.update(h.format(L=L, E=E, M=M, T=layers + M) for h in rule.hf)
+    names.update(c.format(T=layers + M) for c, _ in mapping.copies for M in range(mtp))
     return names
 
 
@@ -96,7 +106,7 @@ def load_hf_weights(chunks: list[Any], hf_dir: str | Path) -> None:
         for chunk in chunks:
             model = unwrap_model(chunk)
             ctx = _context(model)
-            for name, param in model.named_parameters():
+            for name, param in named_weights(model, mapping):
                 rule, hf_names = _resolve(mapping, name, ctx, for_load=True)
                 with torch.no_grad():
                     param.copy_(_read_shard(ckpt, rule, hf_names, name, tuple(param.shape), ctx))
@@ -136,7 +146,7 @@ def _entries(chunks: list[Any], mapping: ArchMapping) -> list[dict[str, Any]]:
     for c, chunk in enumerate(chunks):
         model = unwrap_model(chunk)
         ctx = _context(model)
-        for name, _ in model.named_parameters():
+        for name, _ in named_weights(model, mapping):
             resolved = _resolve(mapping, name, ctx, for_load=False)
             if resolved is None:
                 continue
@@ -154,6 +164,7 @@ def _entries(chunks: list[Any], mapping: ArchMapping) -> list[dict[str, Any]]:
                     "owner": owner,
                     "heads": ctx["heads"],
                     "groups": ctx["groups"],
+                    "buffer": rule.buffer,
                 }
             )
     return out
@@ -162,28 +173,39 @@ def _entries(chunks: list[Any], mapping: ArchMapping) -> list[dict[str, Any]]:
 def export_hf_weights(chunks: list[Any], *, grads: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """Yields (hf_name, full tensor) on global rank 0; every rank must iterate it (collectives inside).
 
-    `grads=True` exports gradients (DDP's main_grad, else .grad) in the same HF names and layout.
+    `grads=True` exports gradients (DDP's main_grad, else .grad) in the same HF names and layout; buffers
+    and frozen (MTP) weights have none and are left out then.
     """
     from megatron.core.utils import unwrap_model
 
-    mapping = _mapping_from_model(unwrap_model(chunks[0]))
+    model = unwrap_model(chunks[0])
+    mapping = _mapping_from_model(model)
+    mtp = 0 if grads else getattr(model, "mtp_layers", 0)
+    for name, tensor in _export(chunks, mapping, grads):
+        yield name, tensor
+        for copy in mapping.copies_of(name, model.config.num_layers, mtp):
+            yield copy, tensor
+
+
+def _export(chunks: list[Any], mapping: ArchMapping, grads: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    from megatron.core.utils import unwrap_model
+
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     mine = _entries(chunks, mapping)
-    params = {
-        (e["chunk"], e["name"]): p
-        for e in mine
-        for p in [dict(unwrap_model(chunks[e["chunk"]]).named_parameters())[e["name"]]]
-    }
+    weights = [dict(named_weights(unwrap_model(c), mapping)) for c in chunks]
+    if grads:  # buffers and frozen weights have no gradient
+        mine = [e for e in mine if getattr(weights[e["chunk"]][e["name"]], "requires_grad", False)]
+    params = {(e["chunk"], e["name"]): weights[e["chunk"]][e["name"]] for e in mine}
     if world > 1:
         every: list[Any] = [None] * world
-        dist.all_gather_object(every, [(e["chunk"], e["name"], e["hf"], e["owner"]) for e in mine])
+        dist.all_gather_object(every, [(e["chunk"], e["name"], e["hf"], e["owner"], e["buffer"]) for e in mine])
     else:
-        every = [[(e["chunk"], e["name"], e["hf"], e["owner"]) for e in mine]]
+        every = [[(e["chunk"], e["name"], e["hf"], e["owner"], e["buffer"]) for e in mine]]
     by_key = {(e["chunk"], e["name"]): e for e in mine}
     seen: set[tuple[str, ...]] = set()
     for src, listing in enumerate(every):
-        for chunk_idx, name, hf_names, owner in listing:
+        for chunk_idx, name, hf_names, owner, buffer in listing:
             if not owner or tuple(hf_names) in seen:
                 continue
             seen.add(tuple(hf_names))
@@ -208,7 +230,8 @@ def export_hf_weights(chunks: list[Any], *, grads: bool = False) -> Iterator[tup
                     meta = torch.empty(4, dtype=torch.long, device=dev)
                     dist.recv(meta, src=src)
                     shape = [int(x) for x in meta.tolist() if x >= 0]
-                    buf = torch.empty(shape, dtype=_export_dtype(chunks, grads), device=dev)
+                    dtype = torch.float32 if buffer else _export_dtype(chunks, grads)
+                    buf = torch.empty(shape, dtype=dtype, device=dev)
                     dist.recv(buf, src=src)
                     yield hf_name, buf.cpu()
 

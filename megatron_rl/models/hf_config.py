@@ -1,9 +1,10 @@
-"""Hugging Face config.json -> Megatron TransformerConfig, one small translation per architecture."""
+"""Hugging Face config.json -> Megatron TransformerConfig: the settings every model shares (precision, the
+parallel layout, fusions) here, each architecture's own translation in its module under
+megatron_rl/models/archs/."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ import torch.nn.functional as F
 
 from megatron_rl import platform
 from megatron_rl.errors import UnsupportedArchitectureError, UserError
+from megatron_rl.models import archs
+from megatron_rl.models.archs.common import require
 from megatron_rl.parallel import ModelShape, ParallelConfig
 
 # Megatron's llama3 rope scaling hard-codes these three numbers; other values would silently differ.
@@ -64,108 +67,15 @@ def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     return float(theta), scaling
 
 
-def _require(hf: dict[str, Any], key: str, arch: str) -> Any:
-    if key not in hf:
-        raise UserError(f"config.json for {arch} lacks the required field {key!r}.")
-    return hf[key]
-
-
-def _dense_common(hf: dict[str, Any], arch: str) -> dict[str, Any]:
-    heads = _require(hf, "num_attention_heads", arch)
-    hidden = _require(hf, "hidden_size", arch)
-    if hf.get("hidden_act", "silu") != "silu":
-        raise UnsupportedArchitectureError(
-            f"{arch} with hidden_act={hf['hidden_act']!r} is not supported (silu only)."
-        )
-    if hf.get("sliding_window") and hf.get("use_sliding_window", True) and arch.startswith("Mistral"):
-        raise UnsupportedArchitectureError(
-            f"{arch} with sliding_window={hf['sliding_window']} is not supported: Megatron's attention here is "
-            f"full causal. Set sliding_window to null only if the model was trained without it."
-        )
-    return dict(
-        num_layers=_require(hf, "num_hidden_layers", arch),
-        hidden_size=hidden,
-        ffn_hidden_size=_require(hf, "intermediate_size", arch),
-        num_attention_heads=heads,
-        num_query_groups=hf.get("num_key_value_heads") or heads,
-        kv_channels=hf.get("head_dim") or hidden // heads,
-        layernorm_epsilon=hf.get("rms_norm_eps", 1e-6),
-        init_method_std=hf.get("initializer_range", 0.02),
-        add_qkv_bias=bool(hf.get("attention_bias", False)),
-    )
-
-
-def _llama(hf: dict[str, Any]) -> dict[str, Any]:
-    return _dense_common(hf, "LlamaForCausalLM")
-
-
-def _mistral(hf: dict[str, Any]) -> dict[str, Any]:
-    return _dense_common(hf, "MistralForCausalLM")
-
-
-def _qwen2(hf: dict[str, Any]) -> dict[str, Any]:
-    return {**_dense_common(hf, "Qwen2ForCausalLM"), "add_qkv_bias": True}
-
-
-def _qwen3(hf: dict[str, Any]) -> dict[str, Any]:
-    return {**_dense_common(hf, "Qwen3ForCausalLM"), "qk_layernorm": True}
-
-
-def _moe_common(hf: dict[str, Any], arch: str, num_experts: int, moe_ffn: int) -> dict[str, Any]:
-    return dict(
-        num_moe_experts=num_experts,
-        moe_router_topk=_require(hf, "num_experts_per_tok", arch),
-        moe_ffn_hidden_size=moe_ffn,
-        # softmax over all experts then top-k renormalised == top-k then softmax over the k (pre_softmax off).
-        moe_router_pre_softmax=not hf.get("norm_topk_prob", True),
-        moe_router_score_function="softmax",
-        moe_router_load_balancing_type="none",
-        moe_aux_loss_coeff=0.0,
-        moe_router_dtype="fp32",
-    )
-
-
-def _qwen3_moe(hf: dict[str, Any]) -> dict[str, Any]:
-    arch = "Qwen3MoeForCausalLM"
-    cfg = {**_dense_common(hf, arch), "qk_layernorm": True}
-    experts = hf.get("num_experts") or _require(hf, "num_local_experts", arch)
-    cfg.update(_moe_common(hf, arch, experts, _require(hf, "moe_intermediate_size", arch)))
-    step = hf.get("decoder_sparse_step", 1)
-    dense = set(hf.get("mlp_only_layers") or [])
-    freq = [0 if (i in dense or (i + 1) % step) else 1 for i in range(cfg["num_layers"])]
-    if not all(freq):
-        cfg["moe_layer_freq"] = freq
-    return cfg
-
-
-def _mixtral(hf: dict[str, Any]) -> dict[str, Any]:
-    arch = "MixtralForCausalLM"
-    cfg = _dense_common(hf, arch)
-    experts = _require(hf, "num_local_experts", arch)
-    cfg.update(_moe_common(hf, arch, experts, cfg["ffn_hidden_size"]))
-    cfg["moe_router_pre_softmax"] = False  # Mixtral always renormalises the top-k weights
-    return cfg
-
-
-ARCHITECTURES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
-    "LlamaForCausalLM": _llama,
-    "MistralForCausalLM": _mistral,
-    "Qwen2ForCausalLM": _qwen2,
-    "Qwen3ForCausalLM": _qwen3,
-    "Qwen3MoeForCausalLM": _qwen3_moe,
-    "MixtralForCausalLM": _mixtral,
-}
-
-
 def architecture_of(hf: dict[str, Any]) -> str:
-    archs = hf.get("architectures") or []
-    if len(archs) != 1 or archs[0] not in ARCHITECTURES:
+    names = hf.get("architectures") or []
+    if len(names) != 1 or names[0] not in archs.supported():
         raise UnsupportedArchitectureError(
-            f"Unsupported model architecture {archs or '(none given)'} in config.json; supported: "
-            f"{', '.join(sorted(ARCHITECTURES))}. Add one in megatron_rl/models/hf_config.py and a mapping in "
-            f"checkpoint_converters (see docs/conversion.md)."
+            f"Unsupported model architecture {names or '(none given)'} in config.json; supported: "
+            f"{', '.join(archs.supported())}. Add one as a module in megatron_rl/models/archs/ (see "
+            f"docs/conversion.md)."
         )
-    return archs[0]
+    return names[0]
 
 
 def transformer_config_from_hf(
@@ -175,17 +85,18 @@ def transformer_config_from_hf(
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     arch = architecture_of(hf)
-    kwargs = ARCHITECTURES[arch](hf)
+    family = archs.get(arch)
+    kwargs = family.config(hf)
     theta, scaling = _rope(hf)
     info = ArchInfo(
         architecture=arch,
-        vocab_size=_require(hf, "vocab_size", arch),
+        vocab_size=require(hf, "vocab_size", arch),
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         rotary_base=theta,
         num_experts=kwargs.get("num_moe_experts"),
     )
-    if scaling:
+    if scaling and not family.own_rope_scaling:
         kind = scaling.get("rope_type", scaling.get("type"))
         if kind != "llama3" or any(float(scaling.get(k, v)) != v for k, v in _LLAMA3_FIXED.items()):
             raise UnsupportedArchitectureError(
@@ -246,4 +157,8 @@ def transformer_config_from_hf(
             "MoE models with pipeline parallelism (pp>1) need Megatron's alltoall token dispatcher, which "
             "runs on GPU only; on CPU use pp=1 for MoE models."
         )
+    if kwargs.get("multi_latent_attention"):
+        from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+        return MLATransformerConfig(**kwargs), info
     return TransformerConfig(**kwargs), info

@@ -80,7 +80,8 @@ class SDPAttention(torch.nn.Module):
             enable_gqa=k.shape[1] != heads,
             dropout_p=self.dropout if self.training else 0.0,
         )
-        return out.permute(2, 0, 1, 3).reshape(sq, b, heads * dim)
+        # -1, not heads * dim: multi-latent attention's values are narrower than its queries and keys.
+        return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
 
 
 def transformer_engine_available() -> bool:
@@ -112,6 +113,25 @@ def decoder_block_spec(config: Any, vp_stage: int | None = None) -> Any:
         attn.core_attention = SDPAttention
         if config.qk_layernorm:
             attn.q_layernorm = RMSNorm
-            attn.k_layernorm = RMSNorm
+            if config.multi_latent_attention:  # the q and kv LoRA down-projections' norms
+                attn.kv_layernorm = RMSNorm
+            else:
+                attn.k_layernorm = RMSNorm
     block.layer_norm = RMSNorm
     return block
+
+
+def mtp_block_spec(config: Any, block: Any, vp_stage: int | None = None) -> Any:
+    """Megatron's multi-token-prediction block spec (None without MTP layers or off the last stage), its
+    layer being the decoder's last with the local norms above."""
+    if not config.mtp_num_layers:
+        return None
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+
+    spec = get_gpt_mtp_block_spec(config, block, use_transformer_engine=transformer_engine_available(),
+                                  vp_stage=vp_stage)
+    if spec is None or transformer_engine_available():
+        return spec
+    for layer in spec.layer_specs:
+        layer.submodules.enorm = layer.submodules.hnorm = layer.submodules.layer_norm = RMSNorm
+    return spec

@@ -315,6 +315,13 @@ def _patch_megatron_modules() -> None:
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
 
+    # megatron-core 0.16's multi-latent attention believes TE imported (its import of Megatron's TE extension
+    # succeeds with stand-in classes) and calls isinstance() on those stand-ins; it has no TE-only path that
+    # the local spec needs.
+    from megatron.core.transformer import multi_latent_attention
+
+    multi_latent_attention.HAVE_TE = False
+
     from megatron_rl.platform import cpu_kernels
 
     cpu_kernels.install()

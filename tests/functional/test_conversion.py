@@ -31,8 +31,11 @@ ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen3": ("qwen3", {}),
     "qwen3_moe": ("qwen3_moe", {"mlp_only_layers": [1]}),  # a dense layer among the MoE ones
     "mixtral": ("mixtral", {}),
+    # MLA with YaRN, a dense first layer, MoE with shared experts and sigmoid routing with its bias buffer,
+    # group-limited top-k, and one MTP layer (megatron_rl.models.tiny)
+    "deepseek_v3": ("deepseek_v3", {}),
 }
-MOE = ("qwen3_moe", "mixtral")
+MOE = ("qwen3_moe", "mixtral", "deepseek_v3")
 DENSE_LAYOUTS = [{"tp": 2, "sequence_parallel": True}, {"pp": 2}]
 MOE_LAYOUTS = [{"ep": 2}, {"tp": 2, "ep": 2, "etp": 1, "sequence_parallel": True}]
 

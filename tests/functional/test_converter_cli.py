@@ -90,7 +90,7 @@ def _narrow_o_proj(t: dict) -> None:
 
 
 HF_CASES = {  # name: (damage to a copy of the tiny llama, expected message, extra args)
-    "unknown_architecture": (_set_arch, "supported: LlamaForCausalLM", ()),
+    "unknown_architecture": (_set_arch, "supported: DeepseekV3ForCausalLM, LlamaForCausalLM", ()),
     "missing_tensor": (
         lambda m: _edit_tensors(m, lambda t: t.pop("model.layers.2.mlp.up_proj.weight")),
         "Tensor 'model.layers.2.mlp.up_proj.weight' is missing from the checkpoint in",
@@ -125,6 +125,25 @@ HF_CASES = {  # name: (damage to a copy of the tiny llama, expected message, ext
 }
 
 
+def _narrow_mtp_eh_proj(t: dict) -> None:
+    name = "model.layers.3.eh_proj.weight"  # the MTP layer's (the tiny DeepSeek-V3 has 3 decoder layers)
+    t[name] = t[name][:, :128].contiguous()
+
+
+DEEPSEEK_CASES = {  # the same, on a copy of the tiny DeepSeek-V3: the router's bias buffer, an MTP tensor
+    "deepseek_missing_expert_bias": (
+        lambda m: _edit_tensors(m, lambda t: t.pop("model.layers.2.mlp.gate.e_score_correction_bias")),
+        "Tensor 'model.layers.2.mlp.gate.e_score_correction_bias' is missing from the checkpoint in",
+        (),
+    ),
+    "deepseek_wrong_shape_mtp": (
+        lambda m: _edit_tensors(m, _narrow_mtp_eh_proj),
+        "Tensor 'model.layers.3.eh_proj.weight' in",
+        (),
+    ),
+}
+
+
 def run_main(rank: int, cases: list[tuple[list[str], str]]) -> list[tuple[int, str, list[str] | None]]:
     """(exit status, stderr, what the output directory holds afterwards) of each CLI call, in order."""
     import contextlib
@@ -153,10 +172,11 @@ def bad(tmp_path_factory):
     converted = root / "converted"
     r = cli("hf-to-megatron", "--hf-dir", str(tiny), "--out", str(converted), "--no-progress")
     assert r.returncode == 0, r.stderr[-2000:]
+    deepseek = save_tiny_checkpoint(root / "deepseek", "deepseek_v3")
     cases: dict[str, tuple[list[str], str, Path]] = {}
-    for name, (damage, match, extra) in HF_CASES.items():
+    for name, (damage, match, extra) in {**HF_CASES, **DEEPSEEK_CASES}.items():
         model = root / name / "model"
-        shutil.copytree(tiny, model)
+        shutil.copytree(deepseek if name in DEEPSEEK_CASES else tiny, model)
         damage(model)
         out = root / name / "out"
         cases[name] = (
@@ -202,6 +222,7 @@ def bad(tmp_path_factory):
 
 BAD = [
     *HF_CASES,
+    *DEEPSEEK_CASES,
     *(
         f"back_{n}"
         for n in (
