@@ -70,6 +70,9 @@ def free_port() -> int:
 def _worker(
     fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple, results: Any, log_name: str | None
 ) -> None:
+    from megatron_rl.process_lifetime import die_with_parent
+
+    die_with_parent()  # a rank whose launcher is gone would train on alone, writing into its run directory
     if log_name:
         from megatron_rl import console
 

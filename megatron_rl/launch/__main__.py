@@ -133,8 +133,14 @@ def run(argv: list[str]) -> int:
             return local.dry_run(cfg, algo, overrides)
         return local.run(cfg, algo, overrides)
     entry = _entry(algo)
-    save_resolved(cfg, cfg.run.dir)
-    return int(entry(cfg) or 0)
+    from megatron_rl.process_lifetime import run_processes
+    from megatron_rl.training.run_lock import RunLock
+
+    # This process owns the run: the lock keeps a second run out of its directory, and every process the run
+    # starts carries its mark, so none outlives it.
+    with RunLock(cfg.run.dir), run_processes():
+        save_resolved(cfg, cfg.run.dir)
+        return int(entry(cfg) or 0)
 
 
 def main(argv: list[str] | None = None) -> int:

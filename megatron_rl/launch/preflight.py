@@ -1,6 +1,7 @@
 """What can be known wrong about a run before it starts, checked in the CLI's own process right after the
-config is composed: who owns the run directory, the parallel layout against the model's own numbers, and
-the first lines of the data files. A run stopped here has written nothing and started no Ray cluster.
+config is composed: who owns the run directory (its command; a live run holding it), the parallel layout
+against the model's own numbers, and the first lines of the data files. A run stopped here has written
+nothing and started no Ray cluster.
 
 Only cheap checks belong here: the model's config.json (a tiny model's numbers come from its recipe, not
 from building it) and the first HEAD_LINES examples of each data file, through the loaders' own per-line
@@ -24,12 +25,14 @@ def preflight(cfg: Any, command: str, local: bool = True) -> None:
     from megatron_rl.planner import check_layout
     from megatron_rl.training.batching import check_batch_size
     from megatron_rl.training.run_dir import check_owner
+    from megatron_rl.training.run_lock import check_free
 
     if local:
         from megatron_rl import platform
 
         platform.check_megatron_core()  # a release the CPU patches do not know fails here, not inside one
     check_owner(Path(cfg.run.dir).resolve(), command)
+    check_free(cfg.run.dir)  # a live run holds the directory: stop before starting a second one
     if local:
         check_model_files(cfg)
     # The model's heads, layers and experts first: a layout that cannot split the model is the real problem

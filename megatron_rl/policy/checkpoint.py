@@ -1,6 +1,6 @@
 """Megatron distributed checkpoints (torch_dist) of a policy: layout-independent, written atomically.
 
-A checkpoint is written into `<dir>.tmp-<pid>` and renamed into place by rank 0 after every rank finished,
+A checkpoint is written into `<dir>.tmp` and renamed into place by rank 0 after every rank finished,
 so a crash mid-save leaves the previous checkpoint untouched and loadable.
 """
 
@@ -73,6 +73,7 @@ def save_checkpoint(policy: Any, directory: str | Path, with_optimizer: bool = T
     if with_optimizer and policy.optimizer is not None:
         state["optimizer"] = _optimizer_state(policy, state["model"], is_loading=False)
         state["scheduler"] = policy.scheduler.state_dict()
+    _in_process_write_results()
     dist_checkpointing.save(state, str(tmp))
     _barrier()
     if rank == 0:
@@ -83,6 +84,20 @@ def save_checkpoint(policy: Any, directory: str | Path, with_optimizer: bool = T
         shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
+
+
+def _in_process_write_results() -> None:
+    """megatron-core's torch_dist writer collects its results through a queue it creates the first time, from a
+    spawned `multiprocessing.Manager()`: one more Python process per rank (with a resource tracker) that only
+    an orderly exit stops, so a killed run left both running under PID 1. A synchronous save reads the results
+    back in the process that wrote them (the writer's forked children report through a queue of their own): an
+    in-process queue serves it, and no process is started. Releases without that queue are left as they are."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", False) is None:
+        filesystem_async._results_queue = queue.Queue()
 
 
 def load_checkpoint(policy: Any, directory: str | Path, with_optimizer: bool = True) -> None:

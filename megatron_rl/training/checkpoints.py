@@ -15,12 +15,14 @@ import json
 import os
 import re
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from checkpoint_converters.hf_io import commit_output
 from megatron_rl import platform
 from megatron_rl.errors import UserError
 
@@ -33,30 +35,57 @@ class CheckpointManager:
         self.root = Path(root)
         self.keep_last = max(1, int(keep_last))
 
-    def complete(self) -> list[tuple[int, Path]]:
-        """(step, path) of every complete checkpoint, oldest first."""
+    def _step_dirs(self) -> list[tuple[int, Path]]:
+        """(step, path) of every `step_N` folder, complete or not, oldest first."""
         found = []
         for p in self.root.glob("step_*"):
             m = _STEP.match(p.name)
-            if m and (p / STATE_FILE).is_file():
+            if m and p.is_dir():
                 found.append((int(m.group(1)), p))
         return sorted(found)
+
+    def complete(self) -> list[tuple[int, Path]]:
+        """(step, path) of every complete checkpoint (a readable trainer state), oldest first."""
+        return [(step, p) for step, p in self._step_dirs() if problem(p) is None]
 
     def latest(self) -> Path | None:
         done = self.complete()
         return done[-1][1] if done else None
 
     def resume_from(self, resume: bool | None) -> Path | None:
-        """resume=None: the latest checkpoint if any; True: it must exist; False: start fresh."""
+        """resume=None: the latest complete checkpoint if any; True: it must exist; False: start fresh.
+
+        Newer step folders that cannot be resumed from (no trainer_state.json: a save that did not finish; or
+        one that is not readable) are moved aside, said so, and the previous complete one is used. When there
+        is none, that is an error saying how to start over: starting at step 0 would overwrite them."""
         if resume is False:
             return None
-        latest = self.latest()
-        if resume and latest is None:
+        skipped: list[tuple[Path, str]] = []
+        for _, path in reversed(self._step_dirs()):
+            why = problem(path)
+            if why is None:
+                for bad, reason in skipped:
+                    aside = _move_aside(bad)
+                    _say(f"checkpoint {bad} {reason}: moved aside to {aside.name}; resuming from {path.name}")
+                return path
+            skipped.append((path, why))
+        if skipped:
+            bad, reason = skipped[0]
+            raise UserError(
+                f"Cannot resume: checkpoint {bad} {reason}, and {self.root} holds no earlier complete "
+                "checkpoint. To start over, run again with run.resume=false (the new checkpoints replace it), "
+                "or choose another run.name or run.dir."
+            )
+        if resume:
             raise UserError(f"run.resume=true but {self.root} holds no complete checkpoint.")
-        return latest
+        return None
 
     @staticmethod
     def state(ckpt: str | Path) -> dict[str, Any]:
+        """The trainer state of checkpoint `ckpt`; UserError naming the file when it is missing or unreadable."""
+        why = problem(Path(ckpt))
+        if why is not None:
+            raise UserError(f"Cannot resume from checkpoint {ckpt}: it {why}.")
         return json.loads((Path(ckpt) / STATE_FILE).read_text())
 
     def save(
@@ -87,12 +116,41 @@ class CheckpointManager:
         barrier()
         if rank == 0:
             (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
+            if final.exists() and (why := problem(final)) is not None:
+                _say(f"checkpoint {final} {why}: replaced by this run's step {step}")
+            commit_output(tmp, final)  # the old folder is removed only once the new one is in place
             for _, old in self.complete()[: -self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         barrier()
         return final
+
+
+def problem(ckpt: Path) -> str | None:
+    """Why step folder `ckpt` cannot be resumed from (a phrase: "has no ...", "holds ..."); None when it can."""
+    file = ckpt / STATE_FILE
+    if not file.is_file():
+        return f"has no {STATE_FILE} (a save that did not finish)"
+    try:
+        state = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        return f"is not readable: {file} is not valid JSON ({exc})"
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        return f"is not readable: {file} holds no step number"
+    return None
+
+
+def _move_aside(path: Path) -> Path:
+    """Renames `path` to `<name>.bad` (`.bad2`, ... when taken): out of the way of resume and of new saves."""
+    for i in range(1, 1000):
+        aside = path.with_name(f"{path.name}.bad{i if i > 1 else ''}")
+        if not aside.exists():
+            os.replace(path, aside)
+            return aside
+    raise UserError(f"Cannot move {path} aside: {path}.bad ... {path}.bad999 all exist; clean them up.")
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def capture_rng() -> dict[str, torch.Tensor]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,13 +19,12 @@ from megatron_rl.training.checkpoints import CheckpointManager
 
 class RunDir:
     def __init__(self, cfg: Any) -> None:
-        from omegaconf import OmegaConf
+        from megatron_rl.config.compose import save_resolved
 
         self.cfg = cfg
         self.path = Path(cfg.run.dir or f"runs/{cfg.command}/{cfg.run.name}").resolve()
         check_owner(self.path, cfg.command)
-        self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        save_resolved(cfg, self.path)
         self.ckpt_root = self.path / "checkpoints"
         self.checkpoints = CheckpointManager(self.ckpt_root, cfg.run.keep_last)
         self._wandb = None
@@ -49,7 +49,7 @@ class RunDir:
         metrics = self.path / "metrics.jsonl"
         if metrics.exists() and resume_step >= 0:
             # Drop rows past the checkpoint so a resumed run's file reads as one uninterrupted run.
-            rows = [r for r in metrics.read_text().splitlines() if r and json.loads(r)["step"] <= resume_step]
+            rows = [r for r in _whole_rows(metrics) if json.loads(r)["step"] <= resume_step]
             tmp = metrics.with_name(metrics.name + ".tmp")
             tmp.write_text("".join(r + "\n" for r in rows))
             os.replace(tmp, metrics)
@@ -61,14 +61,50 @@ class RunDir:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         row = {"step": step, "time": time.time(), **metrics}
         if self.cfg.logger.metrics_jsonl:
-            with (self.path / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_line(self.path / "metrics.jsonl", json.dumps(row))
         if self._wandb is not None:
             self._wandb.log(metrics, step=step)
 
     def close(self) -> None:
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def append_line(path: Path, line: str) -> None:
+    """Appends `line` and its newline with one write to a file opened for appending, so a reader (the
+    launcher's follower) or a kill sees the whole line or none of it, never half of one."""
+    data = (line + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        written = os.write(fd, data)
+        while written < len(data):  # a regular file takes it all at once unless the disk is full
+            written += os.write(fd, data[written:])
+    finally:
+        os.close(fd)
+
+
+def _whole_rows(metrics: Path) -> list[str]:
+    """The rows of metrics.jsonl; a last line cut short (a run killed mid-write by an older version, a full
+    disk) is dropped, said so. A broken line elsewhere is an error naming it: that file was edited."""
+    from megatron_rl.errors import UserError
+
+    lines = metrics.read_text(errors="replace").splitlines()
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            json.loads(line)
+        except ValueError as exc:
+            if i == len(lines) - 1:
+                print(f"{metrics}:{i + 1}: dropping a line cut short ({exc})", file=sys.stderr, flush=True)
+                break
+            raise UserError(
+                f"{metrics}:{i + 1}: not valid JSON ({exc}); fix or remove that line, or start over with "
+                "run.resume=false."
+            ) from None
+        rows.append(line)
+    return rows
 
 
 def check_owner(path: str | Path, command: str) -> None:
