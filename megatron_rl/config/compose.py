@@ -31,7 +31,7 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1]
 CONF_DIR = PACKAGE_DIR / "conf"
 PROFILES_DIR = PACKAGE_DIR / "launch" / "clusters"
 # Sections whose sub-keys are free-form (a dict, not a dataclass).
-_FREE_FORM = ("cluster.env.",)
+_FREE_FORM = ("cluster.env.", "env.kwargs.")
 
 
 def conf_dirs() -> list[Path]:

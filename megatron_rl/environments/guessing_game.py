@@ -23,10 +23,13 @@ _INT = re.compile(r"^\s*(-?\d+)\s*\.?\s*$")
 
 @register_environment("guessing_game")
 class GuessingGame(Environment):
-    def __init__(self, low: int = 0, high: int = 7, turn_cost: float = 0.0, seed: int = 0) -> None:
+    def __init__(
+        self, low: int = 0, high: int = 7, turn_cost: float = 0.0, seed: int = 0, show_range: bool = False
+    ) -> None:
         if low > high:
             raise UserError(f"env.kwargs: the guessing game's low ({low}) must not exceed high ({high}).")
         self.low, self.high, self.turn_cost, self.seed = low, high, turn_cost, seed
+        self.show_range = show_range  # hints also say where the number still is: "higher (4-7)"
 
     # Tasks and demonstrations
 
@@ -37,10 +40,16 @@ class GuessingGame(Environment):
         secret = random.Random(f"{self.seed}/{index}").randint(self.low, self.high)
         return {"prompt": self.prompt(), "answer": str(secret)}
 
-    def hint(self, guess: int | None, secret: int) -> str:
+    def hint(self, guess: int | None, secret: int, guesses: list[int | None] = ()) -> str:
+        """The answer to `guess`; `guesses`: all of the episode's guesses so far (for the range)."""
         if guess is None or not self.low <= guess <= self.high:
             return f"Reply with one number from {self.low} to {self.high}."
-        return "higher" if guess < secret else "lower"
+        word = "higher" if guess < secret else "lower"
+        if not self.show_range:
+            return word
+        lo = max([g + 1 for g in guesses if g is not None and g < secret], default=self.low)
+        hi = min([g - 1 for g in guesses if g is not None and g > secret], default=self.high)
+        return f"{word} ({lo}-{hi})"
 
     def demonstration(self, index: int, max_turns: int = 8) -> list[Message]:
         """A played game (prompt, guesses, hints) for SFT: guesses uniform among the numbers still
@@ -49,12 +58,14 @@ class GuessingGame(Environment):
         secret = rng.randint(self.low, self.high)
         lo, hi = self.low, self.high
         messages: list[Message] = [{"role": "user", "content": self.prompt()}]
+        guesses: list[int | None] = []
         for _ in range(max_turns):
             guess = rng.randint(lo, hi)
+            guesses.append(guess)
             messages.append({"role": "assistant", "content": str(guess)})
             if guess == secret:
                 break
-            messages.append({"role": "user", "content": self.hint(guess, secret)})
+            messages.append({"role": "user", "content": self.hint(guess, secret, guesses)})
             lo, hi = (guess + 1, hi) if guess < secret else (lo, guess - 1)
         return messages
 
@@ -69,13 +80,13 @@ class GuessingGame(Environment):
         out = []
         for history, meta in zip(histories, metadata):
             secret = int(meta["answer"])
-            guess = self.parse(history[-1]["content"])
-            turns = sum(m["role"] == "assistant" for m in history)
+            guesses = [self.parse(m["content"]) for m in history if m["role"] == "assistant"]
+            guess, turns = guesses[-1], len(guesses)
             if guess == secret:
                 reward = max(0.0, 1.0 - self.turn_cost * (turns - 1))
                 out.append(StepResult(None, reward, True, {"guess": guess, "turns": turns}))
             else:
-                hint = {"role": "user", "content": self.hint(guess, secret)}
+                hint = {"role": "user", "content": self.hint(guess, secret, guesses)}
                 out.append(StepResult(hint, 0.0, False, {"guess": guess, "turns": turns}))
         return out
 

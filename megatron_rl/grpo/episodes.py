@@ -26,6 +26,11 @@ def episode_setup(cfg: Any, tokenizer: Any) -> EpisodeSetup | None:
     e = cfg.env
     if e.max_turns <= 1:
         return None
+    if cfg.grpo.get("max_staleness", 0) and not cfg.generation.colocated:
+        raise UserError(
+            f"env.max_turns={e.max_turns}: multi-turn episodes run on the synchronous schedule only; set "
+            "grpo.max_staleness=0 (asynchronous GRPO generates single responses)."
+        )
     budget = e.max_episode_tokens or cfg.generation.max_model_len
     if budget > cfg.generation.max_model_len:
         raise UserError(
