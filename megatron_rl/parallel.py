@@ -18,6 +18,21 @@ class ParallelConfig:
     sequence_parallel: bool = False
     # Virtual pipeline stages per rank (interleaved 1F1B); None disables interleaving.
     vpp: int | None = None
+    # Uneven pipelines (Megatron's num_layers_in_first/last_pipeline_stage): layer counts with no even split
+    # (DeepSeek-V3's 61) give the first and/or last stage fewer layers (the embedding, the LM head); the other
+    # stages split the rest evenly. None: an even split.
+    first_stage_layers: int | None = None
+    last_stage_layers: int | None = None
+
+    def stage_layers(self, num_layers: int) -> tuple[int, int, int]:
+        """(first, middle, last) stage layer counts (pp=1: the one stage's)."""
+        if self.pp == 1:
+            return num_layers, num_layers, num_layers
+        first, last = self.first_stage_layers, self.last_stage_layers
+        rest = num_layers - (first or 0) - (last or 0)
+        even = self.pp - (first is not None) - (last is not None)
+        middle = rest // even if even else 0
+        return (middle if first is None else first), middle, (middle if last is None else last)
 
     def data_parallel_size(self, world_size: int) -> int:
         model_parallel = self.tp * self.pp * self.cp
@@ -74,7 +89,10 @@ def validate_layout(par: ParallelConfig, shape: ModelShape, world_size: int | No
     if shape.vocab_size % par.tp:
         problems.append(f"vocab size ({shape.vocab_size}) is not divisible by tp={par.tp}")
     stages = par.pp * (par.vpp or 1)
-    if shape.num_layers % stages:
+    uneven = par.first_stage_layers is not None or par.last_stage_layers is not None
+    if uneven:
+        problems += _uneven_problems(par, shape.num_layers)
+    elif shape.num_layers % stages:
         problems.append(
             f"layers ({shape.num_layers}) are not divisible by pp*vpp={stages}: "
             f"choose pp among {_divisors(shape.num_layers)}"
@@ -92,6 +110,22 @@ def validate_layout(par: ParallelConfig, shape: ModelShape, world_size: int | No
     if problems:
         raise LayoutError("Parallel layout does not fit the model: " + "; ".join(problems) + ".")
     return par.check_world(world_size) if world_size is not None else 0
+
+
+def _uneven_problems(par: ParallelConfig, num_layers: int) -> list[str]:
+    if par.pp < 2:
+        return ["first_stage_layers/last_stage_layers need pp>1"]
+    if par.vpp:
+        return ["first_stage_layers/last_stage_layers do not combine with vpp here"]
+    first, last = par.first_stage_layers or 0, par.last_stage_layers or 0
+    even = par.pp - (par.first_stage_layers is not None) - (par.last_stage_layers is not None)
+    rest = num_layers - first - last
+    if rest < 0 or (even and rest % even) or (not even and rest):
+        return [
+            f"layers ({num_layers}) minus first_stage_layers ({first}) and last_stage_layers ({last}) leave "
+            f"{rest}, which the other {even} stage(s) cannot split evenly"
+        ]
+    return []
 
 
 def _divisors(n: int) -> list[int]:

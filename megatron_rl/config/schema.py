@@ -47,6 +47,18 @@ class ArchConfig:
     num_experts: int | None = None
     num_experts_per_tok: int | None = None
     moe_intermediate_size: int | None = None
+    # DeepSeek-V3 architecture (its config.json names): the planner takes these through the architecture's
+    # module (megatron_rl/models/archs/deepseek_v3.py) when `architecture` names it.
+    architecture: str | None = None  # config.json's architectures[0]
+    n_routed_experts: int | None = None
+    n_shared_experts: int | None = None
+    first_k_dense_replace: int | None = None
+    num_nextn_predict_layers: int | None = None
+    q_lora_rank: int | None = None
+    kv_lora_rank: int | None = None
+    qk_nope_head_dim: int | None = None
+    qk_rope_head_dim: int | None = None
+    v_head_dim: int | None = None
 
 
 @dataclass

@@ -63,6 +63,9 @@ _ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
         "first_k_dense_replace": 1,
         "routed_scaling_factor": 2.5,
         "norm_topk_prob": True,
+        # What DeepSeek's published config.json says (transformers implements only these; vLLM reads them).
+        "scoring_func": "sigmoid",
+        "topk_method": "noaux_tc",
         "rope_interleave": True,
         "num_nextn_predict_layers": 1,
         "rope_parameters": {

@@ -53,7 +53,7 @@ def resolve_arch(cfg: Any) -> Arch:
         )
     heads = a["num_attention_heads"]
     experts = a.get("num_experts") or 0
-    return Arch(
+    numbers = dict(
         hidden=a["hidden_size"],
         layers=a["num_hidden_layers"],
         heads=heads,
@@ -66,6 +66,25 @@ def resolve_arch(cfg: Any) -> Arch:
         top_k=(a.get("num_experts_per_tok") or 0) if experts else 0,
         moe_ffn=(a.get("moe_intermediate_size") or a["intermediate_size"]) if experts else 0,
     )
+    # What the dense decoder's numbers do not cover (MLA, shared experts...): the architecture's own module.
+    numbers.update(_family_numbers(a.get("architecture") or (a.get("architectures") or [None])[0], a))
+    if numbers["experts"] and not numbers["top_k"]:
+        numbers["top_k"] = a.get("num_experts_per_tok") or 0
+    return Arch(**numbers)
+
+
+def _family_numbers(family: str | None, numbers: dict[str, Any]) -> dict[str, Any]:
+    """The architecture module's planner numbers (megatron_rl/models/archs), when it has any."""
+    if family is None:
+        return {}
+    from megatron_rl.models import archs
+
+    if family not in archs.supported() or archs.get(family).planner is None:
+        return {}
+    try:
+        return archs.get(family).planner(numbers)
+    except KeyError as exc:
+        raise UserError(f"Cannot plan a {family}: model.arch lacks {exc.args[0]} (its config.json name).") from None
 
 
 def check_layout(cfg: Any, arch: Arch | None = None, generation: bool = True) -> Layout:
@@ -106,6 +125,8 @@ def check_layout(cfg: Any, arch: Arch | None = None, generation: bool = True) ->
         dp=dp,
         sp=par.sequence_parallel,
         vpp=par.vpp or 1,
+        first_layers=par.first_stage_layers or 0,
+        last_layers=par.last_stage_layers or 0,
     )
 
 

@@ -37,10 +37,30 @@ class Arch:
     top_k: int = 0
     moe_ffn: int = 0
     gated: bool = True  # SwiGLU (every supported family); False: GPT's GeLU MLP
+    # DeepSeek-V3 style (megatron_rl/models/archs/deepseek_v3.py `planner`): shared experts' total ffn width,
+    # the first layers dense, multi-token-prediction layers, and multi-latent attention (kv_lora_rank > 0).
+    shared_ffn: int = 0
+    dense_layers: int = 0
+    mtp_layers: int = 0
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+
+    @property
+    def mla(self) -> bool:
+        return self.kv_lora_rank > 0
 
     @property
     def attention_params(self) -> int:
         h, d = self.hidden, self.head_dim
+        if self.mla:
+            qk = self.qk_nope_head_dim + self.qk_rope_head_dim
+            q = (h * self.q_lora_rank + self.q_lora_rank * self.heads * qk) if self.q_lora_rank else h * self.heads * qk
+            kv = h * (self.kv_lora_rank + self.qk_rope_head_dim)
+            kv += self.kv_lora_rank * self.heads * (self.qk_nope_head_dim + self.v_head_dim)
+            return q + kv + self.heads * self.v_head_dim * h
         return h * d * (self.heads + 2 * self.kv_heads) + self.heads * d * h
 
     @property
@@ -48,30 +68,56 @@ class Arch:
         return (3 if self.gated else 2) * self.hidden * self.ffn
 
     @property
+    def moe_layers(self) -> int:
+        return self.layers - self.dense_layers if self.experts else 0
+
+    @property
     def expert_params_per_layer(self) -> int:
-        return self.experts * 3 * self.hidden * self.moe_ffn
+        """Routed experts, averaged over every layer (dense first layers have none)."""
+        return self.experts * 3 * self.hidden * self.moe_ffn * self.moe_layers // max(1, self.layers)
 
     @property
     def replicated_params_per_layer(self) -> int:
-        """Kept whole on every tensor-parallel rank: two norms, and the router of an MoE layer."""
-        return 2 * self.hidden + self.hidden * self.experts
+        """Kept whole on every tensor-parallel rank: two norms (and MLA's two LoRA norms), and the router of an
+        MoE layer (averaged over every layer)."""
+        mla_norms = self.q_lora_rank + self.kv_lora_rank
+        router = self.hidden * self.experts * self.moe_layers // max(1, self.layers)
+        return 2 * self.hidden + mla_norms + router
 
     @property
     def dense_params_per_layer(self) -> int:
-        mlp = 0 if self.experts else self.mlp_params
-        return self.attention_params + mlp + self.replicated_params_per_layer
+        """Attention, dense MLP (dense layers) and shared experts (MoE layers), averaged over every layer."""
+        dense_mlp = self.mlp_params * (self.layers - self.moe_layers) // max(1, self.layers)
+        shared = 3 * self.hidden * self.shared_ffn * self.moe_layers // max(1, self.layers)
+        return self.attention_params + dense_mlp + shared + self.replicated_params_per_layer
+
+    @property
+    def tp_split_params_per_layer(self) -> int:
+        return self.dense_params_per_layer - self.replicated_params_per_layer
 
     @property
     def embedding_params(self) -> int:
         return self.vocab * self.hidden
 
+    @property
+    def mtp_params(self) -> int:
+        """DeepSeek-V3's MTP layers: an MoE decoder layer each plus two norms, the projection and a norm."""
+        if not self.mtp_layers:
+            return 0
+        h = self.hidden
+        experts = (self.experts * self.moe_ffn + self.shared_ffn) * 3 * h + h * self.experts
+        layer = self.attention_params + experts + 2 * h + self.q_lora_rank + self.kv_lora_rank
+        return self.mtp_layers * (layer + 3 * h + 2 * h * h)
+
     def total_params(self) -> int:
+        """The decoder's parameters (MTP layers excluded: the engine does not load them, the trainer keeps them
+        frozen; `mtp_params` counts them)."""
         per_layer = self.dense_params_per_layer + self.expert_params_per_layer
         return self.layers * per_layer + self.embedding_params * (1 if self.tied else 2) + self.hidden
 
     def active_params(self) -> int:
         """Parameters one token passes through (top-k of the experts)."""
-        experts = self.top_k * 3 * self.hidden * self.moe_ffn if self.experts else 0
+        experts = self.top_k * 3 * self.hidden * self.moe_ffn * self.moe_layers // max(1, self.layers)
         per_layer = self.dense_params_per_layer + experts
         return self.layers * per_layer + self.embedding_params * (1 if self.tied else 2) + self.hidden
 
@@ -86,6 +132,8 @@ class Layout:
     dp: int = 1
     sp: bool = False
     vpp: int = 1
+    first_layers: int = 0  # uneven pipeline: the first/last stage's layers (0: an even split)
+    last_layers: int = 0
 
     @property
     def expert_dp(self) -> int:
@@ -135,14 +183,19 @@ def activation_bytes_per_token(
     whole = 2 * elt * h + elt * h + elt * h + 2 * mask * h
     # Tensor-split tensors: Q, K, V, the output projection's input.
     split = elt * a * d + 2 * elt * kv * d + elt * a * d
-    if arch.experts:
+    if arch.mla:  # per-head q/k of nope + rope dims, v of its own; the gathered latents and their norms whole
+        qk = arch.qk_nope_head_dim + arch.qk_rope_head_dim
+        split = elt * a * (2 * qk + 2 * arch.v_head_dim)
+        whole += elt * (2 * arch.q_lora_rank + 2 * arch.kv_lora_rank + arch.qk_rope_head_dim)
+    if arch.experts:  # every layer counted as MoE: the larger of the two for DeepSeek-V3's dense first layers
         whole -= elt * h  # the MoE layer input is counted with the routed copies below
         # Each of the top-k copies: its permuted input, fc1 output (gate+up), activation output, and its
         # fc2 output (needed for the routing weights' gradient). Balanced routing gives every rank
         # top_k * tokens/tp copies; etp ranks share an expert, each seeing all its tokens.
         routed = arch.top_k * (2 * elt * h * etp + 3 * elt * arch.moe_ffn) / tp
         router = 4 * arch.experts / seq_split  # fp32 router logits
-        mlp = routed + router
+        shared = 3 * elt * arch.shared_ffn / tp  # shared experts: a dense SwiGLU MLP beside the routed ones
+        mlp = routed + router + shared
     else:
         act = (2 * elt * arch.ffn + elt * arch.ffn) if arch.gated else (elt * arch.ffn + elt * arch.ffn)
         mlp = act / tp
@@ -194,12 +247,8 @@ def training_stages(
     """The first and (when pp > 1) last pipeline stage: the first holds the embedding and the most
     micro-batches in flight, the last the LM head and the logits."""
     pb, gb, ob = mixed_precision_bytes(dtype)
-    layers = arch.layers / lay.pp
-    dense = layers * (
-        (arch.attention_params + (0 if arch.experts else arch.mlp_params)) / lay.tp
-        + arch.replicated_params_per_layer
-    )
-    experts = layers * arch.expert_params_per_layer / (lay.ep * lay.etp)
+    dense_per_layer = arch.tp_split_params_per_layer / lay.tp + arch.replicated_params_per_layer
+    experts_per_layer = arch.expert_params_per_layer / (lay.ep * lay.etp)
     vocab = arch.embedding_params / lay.tp
     elt = pb  # activations are kept in the parameters' dtype
     per_token = activation_bytes_per_token(
@@ -213,17 +262,19 @@ def training_stages(
         flash_attention=flash_attention,
         elt=elt,
     )
-    per_mb = per_token * micro_batch_tokens * layers
+    rebuilt = 0.0
     if recompute == "full":  # backward rebuilds one layer's activations at a time
-        per_mb += micro_batch_tokens * activation_bytes_per_token(
+        rebuilt = micro_batch_tokens * activation_bytes_per_token(
             arch, lay.tp, lay.sp, "selective", seq_len, cp=lay.cp, etp=lay.etp, elt=elt
         )
     # Log-probs: the logits in the model's dtype, their fp32 vocab-parallel log-softmax and its gradient.
     logits = micro_batch_tokens / lay.cp * arch.vocab / lay.tp * (elt + 8)
     dense_dp = lay.dp * lay.cp  # the distributed optimizer shards over data x context parallel ranks
 
-    def stage(name: str, embeddings: int, inflight: float, with_logits: bool) -> StageMemory:
-        d = dense + embeddings * vocab
+    def stage(name: str, layers: float, embeddings: int, inflight: float, with_logits: bool) -> StageMemory:
+        d = layers * dense_per_layer + embeddings * vocab
+        experts = layers * experts_per_layer
+        per_mb = per_token * micro_batch_tokens * layers + rebuilt
         return StageMemory(
             name=name,
             params=d + experts,
@@ -239,15 +290,30 @@ def training_stages(
         )
 
     if lay.pp == 1:
-        return [stage("only stage", 1 if arch.tied else 2, 1.0, True)]
+        return [stage("only stage", arch.layers, 1 if arch.tied else 2, 1.0, True)]
+    even = arch.layers / lay.pp
+    if not (lay.first_layers or lay.last_layers):
+        return [
+            stage("first stage", even, 1, inflight_microbatches(lay.pp, lay.vpp), False),
+            stage("last stage", even, 1, 1.0, True),
+        ]
+    # Uneven: the middle stages split what the first and last leave; the second stage holds nearly as many
+    # micro-batches in flight as the first (counted the same: an upper bound).
+    first, last = lay.first_layers or None, lay.last_layers or None
+    middle = (arch.layers - (first or 0) - (last or 0)) / (lay.pp - (first is not None) - (last is not None))
+    inflight = inflight_microbatches(lay.pp, lay.vpp)
     return [
-        stage("first stage", 1, inflight_microbatches(lay.pp, lay.vpp), False),
-        stage("last stage", 1, 1.0, True),
+        stage("first stage", first or middle, 1, inflight, False),
+        stage("middle stage", middle, 0, inflight, False),
+        stage("last stage", last or middle, 1, 1.0, True),
     ]
 
 
 def kv_bytes_per_token(arch: Arch, tp: int, elt: int = 2) -> float:
-    """K and V of every layer for one token on one GPU; vLLM replicates KV heads when tp exceeds them."""
+    """K and V of every layer for one token on one GPU; vLLM replicates KV heads when tp exceeds them. MLA
+    caches one latent (kv_lora_rank + rope dims) per layer, whole on every tensor-parallel rank."""
+    if arch.mla:
+        return arch.layers * (arch.kv_lora_rank + arch.qk_rope_head_dim) * elt
     return 2 * arch.layers * ceil(arch.kv_heads / tp) * arch.head_dim * elt
 
 

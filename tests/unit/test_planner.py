@@ -95,6 +95,7 @@ def test_optimizer_sharding_matches_zero_figure_1():
         ("qwen3_235b_a22b", 235.1, 22.2),
         ("mixtral8x7b", 46.7, 12.9),
         ("smollm2_135m_math", 0.1345, 0.1345),
+        ("deepseek_v3", 671.0, 37.0),  # DeepSeek-V3 technical report: 671B total, 37B activated
     ],
 )
 def test_parameter_counts_match_the_model_cards(recipe, total_b, active_b):
@@ -120,6 +121,9 @@ def test_kv_cache_per_token():
         ("qwen3_30b_a3b", 16),
         ("qwen3_235b_a22b", 256),
         ("mixtral8x7b", 32),
+        ("deepseek_v3", 512),
+        ("moonlight_16b_a3b", 16),
+        ("tiny_deepseek", 2),
     ],
 )
 def test_every_recipe_fits_its_intended_cluster(recipe, world, capsys):
@@ -192,3 +196,20 @@ def test_sft_and_dpo_plans_leave_out_the_engine(capsys):
     assert "llama8b (sft): fits" in err and "vLLM" not in out
     grpo, sft = plan(compose("llama8b")), plan(compose("llama8b"), "sft")
     assert sft.phases["training"] == pytest.approx(grpo.phases["training"] - 1.0)  # no sleeping engine
+
+
+def test_deepseek_v3_mla_mtp_and_the_published_256_gpu_layout(capsys):
+    """MLA caches one latent per layer (not per head), the MTP layer is counted apart (~14B with its embedding
+    and head copies, the report's figure), and NeMo RL's 256-GPU layout (pp=16 with 3 + 14x4 + 2 layers,
+    ep=16, vLLM tp=32) does not fit here, where Megatron's state stays resident while vLLM generates."""
+    arch = resolve_arch(compose("deepseek_v3"))
+    assert kv_bytes_per_token(arch, tp=8) == 61 * (512 + 64) * 2
+    assert (arch.mtp_params + 2 * arch.embedding_params) / 1e9 == pytest.approx(14.0, rel=0.05)
+    nemo_rl = ["cluster.nodes=32", "generation.tp=32", "generation.gpu_memory_utilization=0.6"]
+    p = plan(compose("deepseek_v3", nemo_rl))
+    assert [s.name for s in p.stages] == ["first stage", "middle stage", "last stage"]
+    assert not p.fits and [r.split(":")[0] for r in p.reasons] == ["generation phase"]
+    assert main(["plan", "conf=deepseek_v3", *nemo_rl]) == 1
+    assert "generation phase: 99.2 GiB of 73.6 GiB" in capsys.readouterr().err
+    with pytest.raises(LayoutError, match=r"layers \(61\) minus first_stage_layers \(4\)"):
+        plan(compose("deepseek_v3", ["policy.parallel.first_stage_layers=4"]))
