@@ -57,6 +57,28 @@ def test_moe_translation():
     assert not cfg.moe_router_pre_softmax  # norm_topk_prob=True
 
 
+def test_deepseek_v3_translation_and_refusals():
+    """MLA with YaRN (refused for the Llama family above), dense first layers, shared experts, sigmoid routing
+    with its bias kept as loaded, group-limited top-k, routed scaling, MTP; what Megatron cannot reproduce
+    is named."""
+    cfg, info = transformer_config_from_hf(tiny_config("deepseek_v3"), ParallelConfig())
+    assert type(cfg).__name__ == "MLATransformerConfig" and cfg.multi_latent_attention
+    assert (cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_head_dim, cfg.qk_pos_emb_head_dim) == (64, 512, 32, 64)
+    assert (cfg.rope_type, cfg.rotary_scaling_factor, cfg.original_max_position_embeddings) == ("yarn", 4.0, 128)
+    assert cfg.moe_layer_freq == [0, 1, 1] and cfg.moe_shared_expert_intermediate_size == 64
+    assert cfg.moe_router_score_function == "sigmoid" and cfg.moe_router_enable_expert_bias
+    assert cfg.moe_router_bias_update_rate == 0.0 and cfg.moe_router_topk_scaling_factor == 2.5
+    assert (cfg.moe_router_num_groups, cfg.moe_router_group_topk) == (4, 2) and cfg.mtp_num_layers == 1
+    for bad, why in (
+        ({"rope_interleave": False}, "rope_interleave=false"),
+        ({"topk_group": 1}, "num_experts_per_tok / topk_group must be 2"),
+        ({"norm_topk_prob": False}, "norm_topk_prob=false"),
+        ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}, "YaRN only"),
+    ):
+        with pytest.raises(UnsupportedArchitectureError, match=why):
+            transformer_config_from_hf(tiny_config("deepseek_v3", **bad), ParallelConfig())
+
+
 @pytest.mark.parametrize(
     "par, world, pattern",
     [
