@@ -274,3 +274,39 @@ def test_observation_tokens_carry_no_loss():
         (loss_sum / count).backward()
         grads.append(model.model.embed_tokens.weight.grad.clone())
     assert not torch.equal(grads[0], grads[1])
+
+
+def test_episode_batches_select_concat_and_build_sequences_by_group_id():
+    first = Rollouts.from_trajectories(play([5, 7, 3, 2], per_group=2)[0].trajectories, group_size=2)
+    second = Rollouts.from_trajectories(play([1, 4], per_group=2)[0].trajectories, group_size=2)
+    for r in (first, second):
+        r.advantages = get_advantage("grpo")(r.rewards, r.groups())
+    both = Rollouts.concat([first, second])
+    assert both.groups().tolist() == [0, 0, 1, 1, 2, 2]  # the second draw's group 0 became group 2
+    kept = both.select_groups([2, 0])
+    assert [t["answer"] for t in kept.metadata] == ["1", "4", "5", "7"]
+    assert kept.advantages.tolist() == pytest.approx(both.advantages[[4, 5, 0, 1]].tolist())
+    seq = kept.sequences()[2]  # secret 5: guesses 3, 5; the loss on the 4 sampled tokens only
+    assert seq["mask"].sum() == 4 and torch.equal(seq["mask"], seq["resp"])
+    t = kept.trajectory(2)
+    start = len(t.prompt_ids) - 1
+    assert seq["mask"][start:].tolist() == [float(m) for m in t.loss_mask]
+    assert seq["engine_lp"][start:].tolist() == pytest.approx(t.engine_logprobs)
+    # the overlong filter drops a cut episode's loss but keeps its tokens for the mismatch metric
+    kept.finish_reasons[2] = "truncated"
+    assert kept.sequences(mask_truncated=True)[2]["mask"].sum() == 0
+
+
+def test_episode_setup_from_the_recipe_and_its_errors():
+    from megatron_rl.config.compose import compose
+    from megatron_rl.errors import UserError
+    from megatron_rl.grpo.episodes import episode_setup
+
+    setup = episode_setup(compose("tiny_multiturn"), TOK)
+    assert setup.limits == EpisodeLimits(max_turns=3, max_new_tokens=4, max_tokens=256)
+    assert episode_setup(compose("tiny"), TOK) is None  # single-turn
+    with pytest.raises(UserError, match="max_episode_tokens=512 exceeds generation.max_model_len=256"):
+        episode_setup(compose("tiny_multiturn", ["env.max_episode_tokens=512"]), TOK)
+    # env.kwargs is free-form: a new entry needs no '+', and it reaches the environment's constructor
+    cfg = compose("tiny_multiturn", ["env.kwargs.high=9", "env.kwargs.show_range=true"])
+    assert cfg.env.kwargs.high == 9 and cfg.env.kwargs.show_range is True
