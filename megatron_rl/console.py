@@ -117,7 +117,10 @@ def actor_env() -> dict[str, str]:
 def redirect_to_log(name: str) -> Path | None:
     """In a worker process: sends fd 1 and fd 2 to `<log dir>/<name>.log` (appended, so a resumed run keeps
     the earlier attempts' output). A no-op when verbose or when no run directory is set. The original stdout
-    stays reachable through `terminal()`."""
+    stays reachable through `terminal()`. Also where the worker's stacks go on request (faults.stacks)."""
+    from megatron_rl.faults import stacks
+
+    stacks.install()
     folder = log_dir()
     if folder is None:
         return None

@@ -44,6 +44,7 @@ def initialize(parallel: ParallelConfig, seed: int = 1234, timeout_s: int = 600)
         context_parallel_size=parallel.cp,
         expert_model_parallel_size=parallel.ep,
         expert_tensor_parallel_size=parallel.etp,
+        distributed_timeout_minutes=max(1, -(-timeout_s // 60)),  # Megatron's groups: the same timeout
     )
     model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
 

@@ -68,6 +68,13 @@ def bundle_of_rank(group: Any) -> list[int]:
     return sorted(nodes, key=lambda b: (first[nodes[b]], b))
 
 
+def host_names() -> dict[str, str]:
+    """Ray node id -> its host name."""
+    import ray
+
+    return {n["NodeID"]: n.get("NodeManagerHostname") or n["NodeManagerAddress"] for n in ray.nodes()}
+
+
 def rank_actor_options(group: Any, bundle: int, cpus: float, gpus: float) -> dict[str, Any]:
     """A rank's Ray options: its share of `bundle` of the placement group (`launch plan --placement` places
     the ranks with these very options)."""
@@ -110,11 +117,31 @@ class RankActors:
             self.master: tuple[str, int] = tuple(
                 gather([self.actors[0].address.remote()], f"{what}: rank 0 address", timeout_s)[0]
             )
+            placed = gather([a.where.remote() for a in self.actors], f"{what}: where they run", timeout_s)
+            # Where each rank runs, for errors and hang reports that name a rank's node.
+            self.node_ids: list[str] = [p["node_id"] for p in placed]
+            self.hosts: list[str] = [host_names().get(n, n[:12]) for n in self.node_ids]
         except BaseException:
             self.shutdown()
             raise
         # A GPU rank's CPU work is light: whole cores only. A CPU rank uses its share, rounded.
         self.threads = max(1, int(cpus_per_rank) if gpus_per_rank else int(round(cpus_per_rank)))
+
+    def unresponsive(self, timeout_s: float = 10.0) -> dict[int, str]:
+        """Ranks whose actor died ("died") or does not answer within `timeout_s` ("no answer": busy in a call
+        that does not return); the others are healthy."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        refs = {a.where.remote(): r for r, a in enumerate(self.actors)}
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+        out = {r: "no answer" for ref, r in refs.items() if ref not in ready}
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except RayActorError:
+                out[refs[ref]] = "died"
+        return out
 
     def shutdown(self) -> None:
         import ray

@@ -68,15 +68,30 @@ def gather(refs: list[Any], phase: str, timeout_s: float) -> list[Any]:
     except GetTimeoutError as exc:
         raise WorkerError(f"{phase}: no answer from the workers within {timeout_s:.0f} s") from exc
     except RayActorError as exc:
+        _settle(refs)
         # Its output (a C++ abort, an OOM kill notice) is only in its log: the end of it comes along.
         hint = console.log_hint(_worker_log(exc), tail_lines=15)
         raise WorkerError(f"{phase}: a worker process died ({exc.__class__.__name__}: {exc}){hint}") from exc
     except RayTaskError as exc:
+        _settle(refs)
         cause = exc.cause if getattr(exc, "cause", None) is not None else exc
         if isinstance(cause, UserError):
             raise cause from None
         hint = console.log_hint(_worker_log(exc))
         raise WorkerError(f"{phase}: a worker raised {type(cause).__name__}: {cause}{hint}") from exc
+
+
+def _settle(refs: list[Any], wait_s: float = 1.0) -> None:
+    """Reads the other calls' results after one failed: their errors (peers of a dead rank fail too) are then
+    handled, not printed by Ray as "Unhandled error" tracebacks when the refs are dropped."""
+    import ray
+
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=wait_s)
+    for ref in ready:
+        try:
+            ray.get(ref)
+        except Exception:  # noqa: BLE001 - the first error is the one reported
+            pass
 
 
 def _worker_log(exc: Exception) -> Path | None:

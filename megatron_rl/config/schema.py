@@ -16,6 +16,18 @@ from megatron_rl.policy.optim import OptimConfig
 
 
 @dataclass
+class WatchdogConfig:
+    """Hang watchdog (megatron_rl.faults.watchdog): a phase (generate, logprobs, train, refit, checkpoint, eval)
+    that outlives factor x its recent longest run (at least floor_s; factor x floor_s the first time) gets
+    every worker's stacks written to <run>/hang_report_<step>.txt, then a restart or a stop. The process
+    groups' collective timeout is factor x floor_s too."""
+
+    enabled: bool = True
+    factor: float = 4.0
+    floor_s: float = 600.0
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     dir: str | None = None  # default: runs/<command>/<name> (filled in by compose)
@@ -28,6 +40,9 @@ class RunConfig:
     eval_every: int = 0
     eval_size: int = 64
     eval_samples: int = 0  # > 0: also report held-out accuracy over this many samples per prompt
+    # In-job restarts from the last checkpoint when a policy rank dies or hangs (megatron_rl.faults).
+    max_restarts: int = 0
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
 
 
 @dataclass
@@ -208,6 +223,9 @@ class ClusterConfig:
     setup: list[str] = field(default_factory=list)  # shell lines run on every node before Ray starts
     env: dict[str, str] = field(default_factory=dict)
     retries: int = 0  # Slurm requeues after a failure; the run resumes from its last checkpoint
+    # Slurm signals the job this long before its time limit (#SBATCH --signal=B:USR1@N); the run checkpoints
+    # at the end of its step and requeues itself (docs/faults.md). 0: no signal asked for.
+    preempt_notice_s: int = 300
     ray_port: int = 6379
     ray_start_timeout_s: int = 600
 
@@ -249,6 +267,10 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "run.checkpoint_every": (0, None),  # 0: only the final checkpoint
     "run.keep_last": (1, None),
     "run.eval_samples": (0, None),
+    "run.max_restarts": (0, None),
+    "run.watchdog.factor": (1, None),
+    "run.watchdog.floor_s": (1, None),
+    "cluster.preempt_notice_s": (0, None),
     "data.val_size": (0, None),
     "policy.micro_batch_tokens": (1, None),
     "policy.max_seq_len": (1, None),

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from megatron_rl.grpo.policy_worker import PolicySpec, PolicyWorker
+from megatron_rl import console
+from megatron_rl.grpo.policy_worker import LOG_NAME, PolicySpec, PolicyWorker
 from megatron_rl.rank_actors import RankActors
 from megatron_rl.ray_utils import gather
 
@@ -52,6 +54,11 @@ class PolicyGroup:
     def bundle_of_rank(self) -> list[int]:
         """Rank r's bundle in that group (Ray numbers bundles in no node order)."""
         return self.ranks.bundle_of_rank
+
+    def log_file(self, rank: int) -> Path | None:
+        """Rank `rank`'s log (<run>/logs/policy_rank<r>.log), None when verbose (its output is on the console)."""
+        folder = console.log_dir()
+        return folder / f"{LOG_NAME}{rank}.log" if folder is not None else None
 
     def _dp_rank_of(self, rank: int) -> int:
         return self.dp_rank[rank]

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from megatron_rl.dtypes import precision
+from megatron_rl.faults.inject import fault_point
 from megatron_rl.parallel import ParallelConfig
 from megatron_rl.policy.optim import OptimConfig
 from megatron_rl.rank_actors import RankActor
@@ -26,6 +27,10 @@ class PolicySpec:
     seed: int = 1234
     micro_batch_tokens: int = 4096
     keep_reference: bool = False
+    collective_timeout_s: float = 600.0  # torch.distributed's, from run.watchdog (megatron_rl.faults.watchdog)
+
+
+LOG_NAME = "policy_rank"  # rank r writes <run>/logs/policy_rank<r>.log
 
 
 def micro_batches(seqs: list[dict[str, Any]], token_budget: int) -> list[dict[str, torch.Tensor]]:
@@ -44,7 +49,7 @@ class PolicyWorker(RankActor):
 
         from megatron_rl import console
 
-        console.redirect_to_log(f"policy_rank{rank}")  # first: everything it prints goes to <run>/logs/
+        console.redirect_to_log(f"{LOG_NAME}{rank}")  # first: everything it prints goes to <run>/logs/
         # Megatron warns at import about missing TE/apex and deprecated args; the fallbacks are intended.
         warnings.filterwarnings("ignore", module=r"megatron\..*")
         warnings.filterwarnings("ignore", category=FutureWarning)
@@ -59,7 +64,9 @@ class PolicyWorker(RankActor):
         from megatron_rl.policy.core import MegatronPolicy
 
         self.join(self.rank, self.world_size, master_addr, master_port, threads)
-        distributed.initialize(self.spec.parallel, seed=self.spec.seed)
+        distributed.initialize(
+            self.spec.parallel, seed=self.spec.seed, timeout_s=round(self.spec.collective_timeout_s)
+        )
         self.policy = MegatronPolicy(
             load_hf_config(self.spec.hf_dir), self.spec.parallel, self.spec.optim, precision(self.spec.dtype)
         )
@@ -83,6 +90,7 @@ class PolicyWorker(RankActor):
         """Per-sequence token logprobs [len-1] on output ranks (tp rank 0 of the last stage), else None."""
         from megatron.core import parallel_state
 
+        fault_point("logprobs", self.rank)
         mbs = micro_batches(seqs, self.spec.micro_batch_tokens)
         saved = self._swap(self.reference) if reference else None
         try:
@@ -103,6 +111,7 @@ class PolicyWorker(RankActor):
     ) -> dict[str, float]:
         from megatron_rl.algorithms.registry import get_policy_loss
 
+        fault_point("train", self.rank)
         loss = get_policy_loss(loss_name)
         mbs = micro_batches(seqs, self.spec.micro_batch_tokens)
 

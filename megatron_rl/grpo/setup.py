@@ -7,6 +7,7 @@ from typing import Any
 from megatron_rl import placement
 from megatron_rl.config.schema import world_size
 from megatron_rl.dtypes import hf_name
+from megatron_rl.faults.watchdog import collective_timeout_s
 from megatron_rl.generation.base import EngineSettings, RefitSettings
 from megatron_rl.generation.client import EngineClient
 from megatron_rl.generation.group import EngineGroup
@@ -27,6 +28,7 @@ def build_policy(cfg: Any, model_dir: str) -> PolicyGroup:
         seed=cfg.run.seed,
         micro_batch_tokens=cfg.policy.micro_batch_tokens,
         keep_reference=bool(cfg.grpo.kl_coef),
+        collective_timeout_s=collective_timeout_s(cfg.run.watchdog),
     )
     table = placement.check(cfg)
     # GPU: the bundles also reserve the colocated engines' share of the ranks' GPUs and CPUs.

@@ -28,6 +28,7 @@ import sys
 from typing import NamedTuple
 
 from megatron_rl.errors import UserError
+from megatron_rl.faults.preemption import REQUEUE_EXIT, Preempted
 
 ALGORITHMS = {
     "grpo": "megatron_rl.grpo.driver:run",
@@ -165,6 +166,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except Preempted as exc:  # a signal during the set-up, before any step: nothing to save
+        print(f"stopped for preemption ({exc}) before any step; exit {REQUEUE_EXIT}", file=sys.stderr)
+        return REQUEUE_EXIT
+    except KeyboardInterrupt:
+        # Ctrl-C: the workers are shut down on the way out (megatron_rl.faults); no traceback.
+        print("interrupted (Ctrl-C): stopped; the run resumes from its last checkpoint", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -124,6 +124,16 @@ class TaskExperiment:
         self.returncode = rc
         return rc
 
+    def send_signal(self, signum: int) -> bool:
+        """Passes `signum` to the task's own process (the run's controller); False when it is not running."""
+        if not self.launched or self.returncode is not None:
+            return False
+        try:
+            os.kill(self._process().pid, signum)
+        except ProcessLookupError:
+            return False
+        return True
+
     def cancel(self, grace_s: float = 10.0) -> None:
         """NeMo-Run's cancel (SIGTERM to the task's process group), then the rest of its session."""
         if not self.launched or self.returncode is not None:

@@ -2,8 +2,10 @@
 
 The task is this CLI with `--in-process`; its output goes to NeMo-Run's task log. This process shows the
 step bar from the run's metrics.jsonl as rows appear, then the final figures and where the logs are. A
-failed task: the end of its log and its exit status. Ctrl-C (or SIGTERM) cancels the experiment. With
---verbose the task's whole output is echoed here instead of the bar.
+failed task: the end of its log and its exit status. Ctrl-C cancels the experiment. SIGTERM or SIGUSR1 (a
+preemption notice) is passed on to the task, whose controller checkpoints and exits with
+faults.preemption.REQUEUE_EXIT; this process then exits with that status too. With --verbose the task's whole
+output is echoed here instead of the bar.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from megatron_rl.faults.preemption import REQUEUE_EXIT
+from megatron_rl.faults.preemption import SIGNALS as PREEMPT_SIGNALS
 from megatron_rl.launch.executors import build_executor, cli_command, task_overrides
 from megatron_rl.launch.experiment import TaskExperiment
 
@@ -129,7 +133,13 @@ def run(cfg: Any, algo: str, overrides: list[str]) -> int:
     task = TaskExperiment(experiment_title(algo, cfg), command, build_executor("local", cfg))
     title, fields = BARS[algo]  # the bar the run's driver shows in-process
     follower = MetricsFollower(run_dir / "metrics.jsonl")
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cancels like Ctrl-C
+
+    def pass_on(signum: int, frame: Any) -> None:
+        if not task.send_signal(signum):  # not started yet (or already over): nothing to checkpoint
+            raise KeyboardInterrupt
+        print(f"{signal.Signals(signum).name}: passed on to the run (checkpoint, then stop)", flush=True)
+
+    previous = {s: signal.signal(s, pass_on) for s in PREEMPT_SIGNALS}
     started = time.monotonic()
     rc: int | None = None
     echo = None
@@ -154,7 +164,8 @@ def run(cfg: Any, algo: str, overrides: list[str]) -> int:
         rc = 130
     finally:
         task.finish()
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     wall = time.monotonic() - started
     if not task.launched:
         return rc or 130
@@ -163,6 +174,8 @@ def run(cfg: Any, algo: str, overrides: list[str]) -> int:
         steps = max((int(r.get("step", 0)) for r in follower.rows), default=0)
         figures = _summary(follower.rows, fields)
         print(f"done: {steps}/{cfg.run.steps} steps in {wall:.0f} s" + (f"; {figures}" if figures else ""))
+    elif rc == REQUEUE_EXIT:
+        print(f"stopped for preemption with a checkpoint (exit status {rc}): run the same command to resume")
     elif rc != 130:
         rc = rc if rc > 0 else 1
         if echo is None:  # verbose: the whole log is on the console already

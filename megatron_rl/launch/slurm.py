@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_rl.errors import UserError
+from megatron_rl.faults.preemption import REQUEST_FILE, REQUEUE_EXIT
 from megatron_rl.launch.executors import build_executor, cli_command, nemo_run, task_overrides
 from megatron_rl.planner import check_layout
 
@@ -77,12 +78,16 @@ def build_request(cfg: Any, algo: str, overrides: list[str]) -> Any:
             node_script.rstrip("\n"),
             _HEREDOC,
             'export MRL_HEAD_IP="${head_node_ip%% *}"',
+            *preemption_lines(run_dir),
         ]
     )
     from megatron_rl import console
 
     verbose = {console.VERBOSE_ENV: "1"} if console.verbose() else None  # --verbose holds in the job too
     executor = build_executor("slurm", cfg, env=verbose, setup_lines=setup_lines)
+    if c.preempt_notice_s:  # Slurm's notice before the time limit, to this batch shell (preemption_lines)
+        executor.signal = f"B:USR1@{int(c.preempt_notice_s)}"
+    executor.additional_parameters = {"requeue": True}  # the job may requeue itself (preemption_lines)
     return SlurmBatchRequest(
         launch_cmd=["sbatch", "--parsable"],
         jobs=[f"{algo}-{cfg.run.name}"],
@@ -91,6 +96,32 @@ def build_request(cfg: Any, algo: str, overrides: list[str]) -> Any:
         max_retries=c.retries,
         extra_env={},
     )
+
+
+def preemption_lines(run_dir: Path) -> list[str]:
+    """Batch-shell lines: on SIGUSR1 (`#SBATCH --signal=B:USR1@N`) or SIGTERM, ask the run to checkpoint and
+    stop by creating its request file (a signal cannot reach the controller inside the step's container);
+    when the run exits with REQUEUE_EXIT, requeue the job, which resumes from that checkpoint. srun runs in
+    the background so that the trap runs while the step goes (bash runs traps only between commands)."""
+    request = shlex.quote(str(run_dir / REQUEST_FILE))
+    return [
+        "",
+        "# Preemption (docs/faults.md): the notice becomes the run's request file; its exit status",
+        f"# {REQUEUE_EXIT} (checkpoint written) requeues the job, which then resumes.",
+        f"preempt_notice() {{ echo \"[megatron-rl] $1: asking the run to checkpoint and stop\"; touch {request}; }}",
+        "trap 'preempt_notice SIGUSR1' USR1",
+        "trap 'preempt_notice SIGTERM' TERM",
+        "srun() {",
+        '  command srun "$@" &',
+        "  local pid=$! rc",
+        '  while true; do wait "$pid"; rc=$?; kill -0 "$pid" 2>/dev/null || break; done',
+        f'  if [ "$rc" = {REQUEUE_EXIT} ]; then',
+        f'    echo "[megatron-rl] the run stopped for preemption (exit {REQUEUE_EXIT}): requeueing job $SLURM_JOB_ID"',
+        '    scontrol requeue "$SLURM_JOB_ID" && return 0',
+        "  fi",
+        '  return "$rc"',
+        "}",
+    ]
 
 
 def script_of(request: Any) -> str:

@@ -55,7 +55,7 @@ class RunDir:
             os.replace(tmp, metrics)
         elif metrics.exists():
             metrics.unlink()
-        if self.cfg.logger.wandb:
+        if self.cfg.logger.wandb and self._wandb is None:  # once: an in-job restart calls this again
             self._wandb = _init_wandb(self.cfg, self.path)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
