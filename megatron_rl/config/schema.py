@@ -148,6 +148,11 @@ class GRPOConfig:
     dynamic_sampling: bool = False
     max_refill_batches: int = 2
     overlong_filter: bool = False
+    # Asynchronous GRPO (separate generation pool): the engines generate while the policy trains, and a
+    # step trains on samples whose oldest token is at most this many weight versions old; 0: synchronous.
+    max_staleness: int = 0
+    # What happens to a finished group older than max_staleness: regenerate its prompt, or drop it.
+    stale_policy: str = "regenerate"
 
 
 @dataclass
@@ -256,6 +261,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "generation.refit_transport": ("auto", "shm", "cuda_ipc", "broadcast", "files"),
     "grpo.loss_agg": ("token_mean", "seq_mean"),
     "grpo.kl_estimator": ("k1", "k3"),
+    "grpo.stale_policy": ("regenerate", "drop"),
     "data.kind": ("arithmetic", "jsonl", "environment"),
     "logger.wandb_mode": ("offline", "online"),
     "cluster.launcher": ("local", "slurm"),
@@ -292,6 +298,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "grpo.clip_low": (0, 1),
     "grpo.clip_high": (0, None),
     "grpo.kl_coef": (0, None),
+    "grpo.max_staleness": (0, None),
     "cluster.nodes": (1, None),
     "cluster.gpus_per_node": (0, None),
     "cluster.ranks": (1, None),

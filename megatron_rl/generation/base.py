@@ -67,8 +67,11 @@ class Sample:
     logprobs: list[float]  # of each sampled token
     finish_reason: str  # "stop" | "length"
     text: str
-    weight_version: int  # the weights it was sampled with
+    weight_version: int  # the weights it was sampled with (the oldest, when a refit landed mid-response)
     engine: int = 0  # which engine of the run's engine group sampled it
+    # Per token, the weight version that sampled it (in-flight refits, generation/inflight.py); empty: all
+    # tokens are `weight_version`.
+    token_versions: list[int] = field(default_factory=list)
 
     @property
     def length(self) -> int:

@@ -7,6 +7,7 @@ a process with Megatron ranks or with the test runner: `EngineClient` (client.py
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Iterable
@@ -19,6 +20,7 @@ from megatron_rl import platform
 from megatron_rl.errors import UserError
 from megatron_rl.generation import buckets, worker_ops
 from megatron_rl.generation.base import EngineSettings, GenerationEngine, Sample, SamplingSettings
+from megatron_rl.generation.inflight import StreamLoop, to_samples, vllm_params
 
 
 def check_model_dir(model_dir: str | Path) -> None:
@@ -49,6 +51,8 @@ class VLLMEngine(GenerationEngine):
         self.llm: Any = None
         self.version = 0
         self._refit_open = False
+        self._stream: StreamLoop | None = None  # continuous generation, started by the first submit()
+        self._calls = 0
 
     def start(self) -> dict[str, Any]:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -97,22 +101,13 @@ class VLLMEngine(GenerationEngine):
     ) -> list[list[Sample]]:
         """`indices`: each prompt's position in the caller's whole batch (an engine group sends each engine a
         part), which seeds it, so what a prompt samples does not depend on the engine it went to."""
-        from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         if self._refit_open:
             raise RuntimeError("generate() during a weight update (begin_refit without end_refit)")
-        params = SamplingParams(
-            n=sampling.n,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=sampling.top_k,
-            max_tokens=sampling.max_new_tokens,
-            stop=list(sampling.stop) or None,
-            logprobs=0,  # the sampled token's own logprob
-            seed=sampling.seed,
-        )
-        version = self.version
+        if self._stream is not None:  # the loop owns the engine: these requests join its batch
+            return self._generate_streamed(prompts, sampling)
+        params = vllm_params(sampling)
         outputs = []
         done = 0
         for wave in self._waves(prompts, sampling):
@@ -122,16 +117,30 @@ class VLLMEngine(GenerationEngine):
                 use_tqdm=False,
             )
             done += len(wave)
-        result = []
-        for out in outputs:
-            samples = []
-            for c in out.outputs:
-                ids = list(c.token_ids)
-                lps = [step[tok].logprob for step, tok in zip(c.logprobs, ids)]
-                reason = "length" if c.finish_reason == "length" else "stop"
-                samples.append(Sample(ids, lps, reason, c.text, version))
-            result.append(samples)
-        return result
+        return [to_samples(out, self.version) for out in outputs]
+
+    # Continuous generation (generation/inflight.py): requests in, finished groups out, refits in between.
+
+    def submit(self, requests: list[tuple[str, list[int]]], sampling: SamplingSettings) -> None:
+        """Adds (key, prompt ids) requests to the continuous batch; `poll` returns them when finished."""
+        if self._stream is None:
+            self._stream = StreamLoop(self.llm, self.version)
+        # Unseeded: continuous batching chunks prefills, and a seeded request's chunked prefill fails on
+        # CPU (see _waves); what an async run samples depends on timing anyway.
+        self._stream.submit(requests, dataclasses.replace(sampling, seed=None))
+
+    def poll(self) -> dict[str, Any]:
+        """{"done": key -> samples, "idle_s": seconds with nothing to generate since the last poll, ...}."""
+        if self._stream is None:
+            return {"done": {}, "idle_s": 0.0, "in_flight": 0, "steps": 0}
+        return self._stream.poll()
+
+    def _generate_streamed(self, prompts: list[list[int]], sampling: SamplingSettings) -> list[list[Sample]]:
+        self._calls += 1
+        keys = [f"generate{self._calls}/{i}" for i in range(len(prompts))]
+        self._stream.submit(list(zip(keys, prompts)), dataclasses.replace(sampling, seed=None))
+        got = self._stream.wait_for(keys, timeout_s=3600)
+        return [got[k] for k in keys]
 
     @staticmethod
     def _seeded(params: Any, index: int) -> Any:
@@ -173,7 +182,14 @@ class VLLMEngine(GenerationEngine):
             )
         if self._refit_open:
             raise RuntimeError("begin_refit while another weight update is open")
-        self.llm.collective_rpc(worker_ops.begin_reload)
+        if self._stream is not None:
+            self._stream.pause()  # at a token boundary; requests in flight wait for the new weights
+        try:
+            self.llm.collective_rpc(worker_ops.begin_reload)
+        except BaseException:
+            if self._stream is not None:
+                self._stream.resume(None)
+            raise
         self._refit_open = True
 
     def load_bucket(self, kind: str, desc: dict[str, Any]) -> dict[str, float]:
@@ -190,13 +206,17 @@ class VLLMEngine(GenerationEngine):
         if not self._refit_open:
             raise RuntimeError("end_refit without begin_refit")
         self._refit_open = False
-        stats = self.llm.collective_rpc(worker_ops.end_reload)[0]
-        if stats["tensors"] == 0:
-            raise ValueError("the weight update carried no tensors")
-        if reset_prefix_cache:
-            # Cached prefix blocks hold KV computed with the old weights: serving them would be stale.
-            self.llm.reset_prefix_cache()
-        self.version = version
+        try:
+            stats = self.llm.collective_rpc(worker_ops.end_reload)[0]
+            if stats["tensors"] == 0:
+                raise ValueError("the weight update carried no tensors")
+            if reset_prefix_cache and self._stream is None:
+                # Cached prefix blocks hold KV computed with the old weights: serving them would be stale.
+                self.llm.reset_prefix_cache()
+            self.version = version
+        finally:
+            if self._stream is not None:  # also recomputes the KV of the requests in flight
+                self._stream.resume(self.version)
         return stats
 
     def abort_refit(self) -> None:
@@ -204,7 +224,11 @@ class VLLMEngine(GenerationEngine):
         the caller retries the whole refit)."""
         if self._refit_open:
             self._refit_open = False
-            self.llm.collective_rpc(worker_ops.end_reload)
+            try:
+                self.llm.collective_rpc(worker_ops.end_reload)
+            finally:
+                if self._stream is not None:
+                    self._stream.resume(None)
 
     def update_weights(
         self,
@@ -229,6 +253,8 @@ class VLLMEngine(GenerationEngine):
         """The naive path: the engine reads a checkpoint written to disk."""
         if version <= self.version:
             raise ValueError(f"weight version {version} is not newer than {self.version}")
+        if self._stream is not None:
+            raise RuntimeError("update_weights_from_path while the engine generates continuously")
         start = time.perf_counter()
         self.llm.collective_rpc(worker_ops.reload_from_path, args=(path,))
         self.llm.reset_prefix_cache()
@@ -257,6 +283,9 @@ class VLLMEngine(GenerationEngine):
         return platform.gpu_uuid()
 
     def shutdown(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
         if self.llm is not None:
             try:
                 self.forget_transport("shm")

@@ -13,7 +13,8 @@ started <= (engine version + k + 1) * prompts_per_step (groups the trainer took,
 
 Every drawn prompt is trained, filtered (dynamic sampling: all rewards equal), dropped for age, buffered or
 in flight; the checkpoint holds the last two (the buffer with its samples and versions, the in-flight
-prompts to regenerate) beside the data position, so a resumed run neither loses nor repeats a prompt.
+prompts to regenerate) and the groups filtered since the last step beside the data position, so a resumed
+run neither loses nor repeats a prompt.
 `<run>/rollout_prompts.jsonl` lists, per step, the data positions trained, filtered and dropped.
 """
 
@@ -64,11 +65,16 @@ class SyncRollouts:
         pass
 
 
+_noted = False
+
+
 def make_rollout_source(
     cfg: Any, engine: Any, data: Any, env: Any, advantage_fn: Any, run_path: Path, episodes: Any = None
 ) -> SyncRollouts | AsyncRollouts:
+    global _noted
     k = cfg.grpo.max_staleness
-    if k and cfg.generation.colocated:
+    if k and cfg.generation.colocated and not _noted:
+        _noted = True  # once per run, not again after an in-job restart
         print(
             f"note: grpo.max_staleness={k} runs the synchronous schedule with colocated engines (they share "
             "the policy's devices, so generation cannot overlap training); set generation.colocated=false "
@@ -271,6 +277,9 @@ class AsyncRollouts:
                     "buffer": [g.as_json() for g in self.buffer],
                     "in_flight": [{"position": g.position, "item": g.item}
                                   for g in [*self.in_flight.values(), *self.to_send]],  # fmt: skip
+                    # groups filtered since the last step (recorded with the next one) and their rewards
+                    "filtered": self._since_step["filtered"],
+                    "scored": self._since_step["scored"],
                 },
             }
 
@@ -284,6 +293,8 @@ class AsyncRollouts:
         saved = state.get("async", {})
         self.buffer = [Group.from_json(d) for d in saved.get("buffer", [])]
         self.to_send = [Group(d["position"], d["item"]) for d in saved.get("in_flight", [])]
+        self._since_step["filtered"] = list(saved.get("filtered", []))
+        self._since_step["scored"] = list(saved.get("scored", []))
         step = self.version
         if self.record.exists():  # rows past the checkpoint belong to steps that will run again
             rows = [r for r in self.record.read_text().splitlines() if r and json.loads(r)["step"] <= step]

@@ -37,3 +37,8 @@ def test_failed_counts_what_this_machine_can_run():
 def test_refit_engines_must_be_counts(engines):
     out = bench("refit", "--engines", engines)
     assert out.returncode == 2 and "--engines takes engine counts >= 1" in out.stderr
+
+
+def test_async_bench_needs_a_staleness_and_enough_steps():
+    out = bench("async", "--max-staleness", "0")
+    assert out.returncode == 2 and "--max-staleness >= 1" in out.stderr
