@@ -300,7 +300,7 @@ def test_dpo_micro_batch_form_matches_the_functional_one():
 
 # ------------------------------------------------------------------------------------------ registry
 def test_unknown_names_list_the_registered_ones():
-    with pytest.raises(UserError, match=r"grpo\.loss.*clipped_pg, dpo, gspo, nll"):
+    with pytest.raises(UserError, match=r"grpo\.loss.*clipped_pg, decoupled_pg, dpo, gspo, nll"):
         get_policy_loss("ppo2")
 
 
