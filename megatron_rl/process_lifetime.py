@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 RUN_ENV = "MEGATRON_RL_RUN_ID"
+ENDED = b"ended\n"  # owner -> watcher: an orderly end (a killed owner never sends it)
 POLL_S = 0.2  # how often the watcher looks for its owner
 TERM_GRACE_S = 3.0  # from SIGTERM to SIGKILL
 REAP_DEADLINE_S = 30.0  # the watcher gives up after this (processes that cannot be signalled)
@@ -43,10 +44,13 @@ def run_processes() -> Iterator[str]:
     run_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     previous = os.environ.get(RUN_ENV)
     os.environ[RUN_ENV] = run_id
+    watcher = None
     try:
-        start_watcher(run_id)
+        watcher = start_watcher(run_id)
         yield run_id
     finally:
+        if watcher is not None:
+            _tell_ended(watcher)
         if previous is None:
             os.environ.pop(RUN_ENV, None)
         else:
@@ -58,10 +62,19 @@ def start_watcher(run_id: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "megatron_rl.process_lifetime", str(os.getpid()), run_id],
         env=env,
-        stdin=subprocess.DEVNULL,
+        stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         start_new_session=True,
     )
+
+
+def _tell_ended(watcher: subprocess.Popen) -> None:
+    """The run ended in order (its last line is on the console): what is left, the watcher stops quietly."""
+    try:
+        watcher.stdin.write(ENDED)
+        watcher.stdin.flush()
+    except (OSError, ValueError):
+        pass
 
 
 def die_with_parent(sig: int = signal.SIGKILL) -> None:
@@ -118,11 +131,20 @@ def stop_members(run_id: str, deadline_s: float = REAP_DEADLINE_S) -> list[str]:
 
 
 def _watch(owner: int, run_id: str) -> int:
-    """The watcher: once `owner` (its parent) has ended, stops what is left of the run."""
+    """The watcher: once `owner` (its parent) has ended, stops what is left of the run; says so unless the owner
+    ended in order (then a leftover is only a helper still shutting down)."""
+    import select
+
+    told, listening = b"", True
+    while listening and (os.getppid() == owner or select.select([0], [], [], 0)[0]):
+        if select.select([0], [], [], POLL_S)[0]:
+            data = os.read(0, 64)
+            told += data
+            listening = bool(data)  # end of file: nothing more will come (the owner is gone)
     while os.getppid() == owner:
         time.sleep(POLL_S)
     stopped = stop_members(run_id)
-    if stopped:
+    if stopped and ENDED not in told:
         print(
             f"megatron-rl: the run's process {owner} ended; stopped {len(stopped)} "
             f"process{'es' if len(stopped) > 1 else ''} it left: "

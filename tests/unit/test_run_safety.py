@@ -98,18 +98,23 @@ with run_processes():
     # a grandchild in a session of its own (as Ray's workers are): a process-group kill would miss it
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
     print(sleeper.pid, flush=True)
-    time.sleep(600)
+    if sys.argv[1] == "kill":
+        time.sleep(600)
 """
 
 
-def test_processes_of_a_killed_owner_are_stopped(tmp_path):
+@pytest.mark.parametrize("end", ["kill", "orderly"])
+def test_processes_a_run_leaves_are_stopped(end):
+    """Killed: the watcher stops the rest and says so. Ended in order (an error, Ctrl-C): it stops the rest
+    quietly, so the run's own last line stays the last line."""
     import psutil
 
     owner = subprocess.Popen(
-        [sys.executable, "-c", OWNER], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-c", OWNER, end], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     sleeper = psutil.Process(int(owner.stdout.readline()))
-    os.kill(owner.pid, signal.SIGKILL)
+    if end == "kill":
+        os.kill(owner.pid, signal.SIGKILL)
     owner.wait()
     deadline = time.monotonic() + 10
     while sleeper.is_running() and sleeper.status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
@@ -118,10 +123,8 @@ def test_processes_of_a_killed_owner_are_stopped(tmp_path):
     if alive:
         sleeper.kill()
     assert not alive, "the owner's grandchild outlived it"
-    assert (
-        f"the run's process {owner.pid} ended; stopped 1 process it left: {sleeper.pid} "
-        in owner.stderr.read()
-    )
+    said = f"the run's process {owner.pid} ended; stopped 1 process it left: {sleeper.pid} "
+    assert (said in owner.stderr.read()) == (end == "kill")
 
 
 def test_a_spawned_rank_dies_with_its_parent():
