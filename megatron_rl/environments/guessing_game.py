@@ -24,12 +24,20 @@ _INT = re.compile(r"^\s*(-?\d+)\s*\.?\s*$")
 @register_environment("guessing_game")
 class GuessingGame(Environment):
     def __init__(
-        self, low: int = 0, high: int = 7, turn_cost: float = 0.0, seed: int = 0, show_range: bool = False
+        self,
+        low: int = 0,
+        high: int = 7,
+        turn_cost: float = 0.0,
+        seed: int = 0,
+        show_range: bool = False,
+        wasted_cost: float = 0.0,
     ) -> None:
         if low > high:
             raise UserError(f"env.kwargs: the guessing game's low ({low}) must not exceed high ({high}).")
         self.low, self.high, self.turn_cost, self.seed = low, high, turn_cost, seed
         self.show_range = show_range  # hints also say where the number still is: "higher (4-7)"
+        # charged for a guess the hints so far already rule out (or no number): a wasted turn
+        self.wasted_cost = wasted_cost
 
     # Tasks and demonstrations
 
@@ -47,9 +55,14 @@ class GuessingGame(Environment):
         word = "higher" if guess < secret else "lower"
         if not self.show_range:
             return word
+        lo, hi = self.possible(guesses, secret)
+        return f"{word} ({lo}-{hi})"
+
+    def possible(self, guesses: list[int | None], secret: int) -> tuple[int, int]:
+        """The range the hints to `guesses` leave."""
         lo = max([g + 1 for g in guesses if g is not None and g < secret], default=self.low)
         hi = min([g - 1 for g in guesses if g is not None and g > secret], default=self.high)
-        return f"{word} ({lo}-{hi})"
+        return lo, hi
 
     def demonstration(self, index: int, max_turns: int = 8) -> list[Message]:
         """A played game (prompt, guesses, hints) for SFT: guesses uniform among the numbers still
@@ -82,12 +95,14 @@ class GuessingGame(Environment):
             secret = int(meta["answer"])
             guesses = [self.parse(m["content"]) for m in history if m["role"] == "assistant"]
             guess, turns = guesses[-1], len(guesses)
+            lo, hi = self.possible(guesses[:-1], secret)
+            penalty = self.wasted_cost if guess is None or not lo <= guess <= hi else 0.0
             if guess == secret:
                 reward = max(0.0, 1.0 - self.turn_cost * (turns - 1))
-                out.append(StepResult(None, reward, True, {"guess": guess, "turns": turns}))
+                out.append(StepResult(None, reward - penalty, True, {"guess": guess, "turns": turns}))
             else:
                 hint = {"role": "user", "content": self.hint(guess, secret, guesses)}
-                out.append(StepResult(hint, 0.0, False, {"guess": guess, "turns": turns}))
+                out.append(StepResult(hint, -penalty, False, {"guess": guess, "turns": turns}))
         return out
 
     def score(self, responses: list[str], metadata: list[dict[str, Any]]) -> list[float]:

@@ -14,7 +14,8 @@ episode, which joins a later call. A step that raises fails its episode only (it
 
 Limits: `max_turns` model turns; `max_new_tokens` per turn (a turn cut there ends the episode, finish
 reason "length"); `max_tokens` for the whole episode (the last turn is cut at the budget, or an observation
-that would cross it is not appended; finish reason "truncated").
+that would cross it is not appended; finish reason "truncated"). A cut turn is still stepped, so the
+environment's reward for it counts (a policy cannot escape a penalty by rambling), then the episode ends.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class Episode:
     tool_calls: int = 0
     tool_errors: int = 0
     error: str | None = None
+    cut: str | None = None  # "length" or "truncated": the last turn was cut off, the episode ends after it
 
     def __post_init__(self) -> None:
         self.trajectory = Trajectory(
@@ -150,7 +152,9 @@ def run_episodes(
                     for e in batch:
                         done[e.index] = e.finish("truncated")
                     continue
-                seed = None if sampling.seed is None else sampling.seed + 7919 * calls
+                # the engine seeds prompt i of a call with seed + i: calls of one step and of the next
+                # steps must not share seeds (episodes of the same prompt would repeat their samples)
+                seed = None if sampling.seed is None else sampling.seed * 1_000_003 + 7919 * calls
                 settings = replace(sampling, n=1, max_new_tokens=allowed, seed=seed)
                 results = engine.generate([e.ids for e in batch], settings)
                 calls += 1
@@ -158,10 +162,10 @@ def run_episodes(
                     sample = samples[0]
                     e.add_model_turn(sample)
                     if sample.finish_reason == "length":
-                        cut_by_budget = allowed < limits.max_new_tokens
-                        done[e.index] = e.finish("truncated" if cut_by_budget else "length")
-                    else:
-                        running[pool.submit(_step, env, e)] = e
+                        e.cut = "truncated" if allowed < limits.max_new_tokens else "length"
+                    # a cut turn is stepped too: the environment scores every turn (a cut one cannot
+                    # escape what a finished bad one would cost), but the episode ends after it
+                    running[pool.submit(_step, env, e)] = e
             waiting = []
             for future in _finished(running):
                 e = running.pop(future)
@@ -191,6 +195,9 @@ def _apply(
     e.env_s += seconds
     e.tool_calls += result.tool_calls
     e.tool_errors += result.tool_errors
+    if e.cut:
+        done[e.index] = e.finish(e.cut)
+        return
     if result.done:
         done[e.index] = e.finish("stop")
         return

@@ -92,6 +92,17 @@ def test_guessing_game_hints_rewards_and_problems():
             assert lo <= guess <= hi and hint == ("higher" if guess < secret else "lower")
             lo, hi = (guess + 1, hi) if hint == "higher" else (lo, guess - 1)
         assert len(hints) == len(guesses) - 1
+    # with the range shown, and a cost for guesses the hints already rule out
+    game = make_environment("guessing_game", show_range=True, wasted_cost=0.5)
+    history, rewards = [{"role": "user", "content": game.prompt()}], []
+    for guess in ("3", "1", "6", "5"):
+        history.append({"role": "assistant", "content": guess})
+        (res,) = game.step([history], [{"answer": "5"}])
+        rewards.append(res.reward)
+        if res.observation:
+            history.append(res.observation)
+    assert [m["content"] for m in history[2::2]] == ["higher (4-7)", "higher (4-7)", "lower (4-5)"]
+    assert rewards == [0.0, -0.5, 0.0, 1.0]  # 1 was ruled out by "higher" after 3
     with pytest.raises(UserError, match="low"):
         make_environment("guessing_game", low=5, high=1)
 

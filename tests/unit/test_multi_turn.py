@@ -118,6 +118,9 @@ def test_limits_per_turn_and_per_episode():
     batch, _ = play([5], engine=ramble)
     t = batch.trajectories[0]
     assert t.finish_reason == "length" and t.turn_spans == [(0, 4)]  # max_new_tokens=4 per turn
+    # the cut turn is still scored: rambling does not escape the cost of a wasted guess
+    batch, _ = play([5], engine=ramble, env=GuessingGame(wasted_cost=0.5))
+    assert batch.trajectories[0].reward == -0.5 and batch.trajectories[0].finish_reason == "length"
     prompt_len = len(render_prompt(TOK, GAME.prompt()))
     # budget: room for the first turn and its observation, not for a whole second turn
     budget = prompt_len + 2 + 26 + 1
