@@ -162,9 +162,10 @@ def main() -> None:
     cfg = json.loads(sys.argv[1])
     status: dict = {}
     libc = _libc()
+    # No core files, also from the processes above the program that end the way it ended (SIGXCPU dumps).
+    set_limit(resource.RLIMIT_CORE, 0)
     status["network"] = isolate_network(libc) if cfg["network_off"] else "allowed"
     status["pid_namespace"] = in_own_pid_namespace(libc)
-    set_limit(resource.RLIMIT_CORE, 0)
     # SIGXCPU at the soft limit, SIGKILL one second later if the program ignores it.
     set_limit(resource.RLIMIT_CPU, cfg["cpu_s"], cfg["cpu_s"] + 1)
     set_limit(resource.RLIMIT_FSIZE, cfg["file_size_bytes"])
