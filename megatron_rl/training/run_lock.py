@@ -56,6 +56,14 @@ class RunLock:
                 owner = _read_owner(fd)
                 os.close(fd)
                 raise UserError(busy_message(self.dir, owner)) from None
+            except OSError as exc:  # a file system without locks (some network mounts): run, but say so
+                print(
+                    f"run dir {self.dir}: its file system does not support file locks ({exc.strerror}); "
+                    "a second run in this directory would not be stopped.",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                break
             # The owner we waited on may have removed the file as it released it: lock the current one.
             if _same_file(fd, self.path):
                 break
@@ -91,6 +99,8 @@ def check_free(run_dir: str | Path) -> None:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         raise UserError(busy_message(path.parent, _read_owner(fd))) from None
+    except OSError:
+        pass  # no locks on this file system: the run itself says so
     finally:
         os.close(fd)
 

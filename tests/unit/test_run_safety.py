@@ -90,6 +90,21 @@ def test_lock_is_released_on_an_exception(tmp_path):
     other.wait()
 
 
+def test_a_file_system_without_locks_runs_and_says_so(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from megatron_rl.training import run_lock
+
+    def no_locks(fd, op):  # what flock gives on a network mount without lock support
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(run_lock.fcntl, "flock", no_locks)
+    check_free(tmp_path)
+    with RunLock(tmp_path):
+        assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+    assert "does not support file locks" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------- process lifetime
 OWNER = """
 import subprocess, sys, time
