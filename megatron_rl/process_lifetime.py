@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 RUN_ENV = "MEGATRON_RL_RUN_ID"
+_WATCHERS: list[subprocess.Popen] = []
 ENDED = b"ended\n"  # owner -> watcher: an orderly end (a killed owner never sends it)
 POLL_S = 0.2  # how often the watcher looks for its owner
 TERM_GRACE_S = 3.0  # from SIGTERM to SIGKILL
@@ -47,6 +48,7 @@ def run_processes() -> Iterator[str]:
     watcher = None
     try:
         watcher = start_watcher(run_id)
+        _WATCHERS.append(watcher)  # it outlives the block, by design: held until this process ends
         yield run_id
     finally:
         if watcher is not None:
