@@ -39,7 +39,9 @@ def init_ray(num_cpus: int | None = None, log_to_driver: bool | None = None) -> 
         ray.init(address=address, **common)
         _inherited_console_env = None
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), **common)
+        # address="local": a new cluster of our own, never one a `ray start` left on this machine (Ray would
+        # otherwise join it through /tmp/ray/ray_current_cluster).
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **common)
         _inherited_console_env = console.actor_env()
 
 
