@@ -97,6 +97,10 @@ class PolicyConfig:
     micro_batch_tokens: int = 4096  # token budget of one packed micro-batch
     max_seq_len: int = 1024
     recompute: str = "none"
+    # MoE routing mismatch between engine and trainer (docs/policy.md, "MoE router replay"): off; measure
+    # (the engine returns the experts it routed each token to, train/router_agreement is logged); engine
+    # (that, and the trainer's logprob and train forwards replay the engine's routing).
+    router_replay: str = "off"
 
 
 @dataclass
@@ -259,6 +263,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "policy.recompute": ("none", "selective", "full"),
     "policy.optim.lr_decay_style": ("constant", "linear", "cosine"),
     "generation.refit_transport": ("auto", "shm", "cuda_ipc", "broadcast", "files"),
+    "policy.router_replay": ("off", "measure", "engine"),
     "grpo.loss_agg": ("token_mean", "seq_mean"),
     "grpo.kl_estimator": ("k1", "k3"),
     "grpo.stale_policy": ("regenerate", "drop"),

@@ -42,6 +42,8 @@ class EngineSettings:
     cpu_kv_cache_gb: float = 1.0
     trust_remote_code: bool = False
     seed: int = 0
+    # MoE: every Sample carries the experts each token was routed to (policy.router_replay, routing.py)
+    return_routing: bool = False
 
 
 @dataclass
@@ -72,6 +74,8 @@ class Sample:
     # Per token, the weight version that sampled it (in-flight refits, generation/inflight.py); empty: all
     # tokens are `weight_version`.
     token_versions: list[int] = field(default_factory=list)
+    # With EngineSettings.return_routing: [prompt + response - 1, layers, top_k] expert ids (routing.py)
+    routed_experts: torch.Tensor | None = None
 
     @property
     def length(self) -> int:

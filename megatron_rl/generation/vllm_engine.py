@@ -18,7 +18,7 @@ import torch
 
 from megatron_rl import platform
 from megatron_rl.errors import UserError
-from megatron_rl.generation import buckets, worker_ops
+from megatron_rl.generation import buckets, routing, worker_ops
 from megatron_rl.generation.base import EngineSettings, GenerationEngine, Sample, SamplingSettings
 from megatron_rl.generation.inflight import StreamLoop, to_samples, vllm_params
 
@@ -71,8 +71,18 @@ class VLLMEngine(GenerationEngine):
             tensor_parallel_size=s.tp,
             trust_remote_code=s.trust_remote_code,
         )
+        from megatron_rl.models.hf_config import load_hf_config
+
+        kwargs.update(platform.vllm_engine_kwargs(s.dtype, load_hf_config(self.model_dir)))
         if not platform.use_cpu():
             kwargs["gpu_memory_utilization"] = s.gpu_memory_utilization
+        if s.return_routing:
+            # vLLM's own routed-experts output needs its model runner V2 (Triton: GPU); on CPU the routers
+            # are hooked (routing.py), and a prompt served from the prefix cache would never be routed.
+            if platform.use_cpu():
+                kwargs["enable_prefix_caching"] = False
+            else:
+                kwargs["enable_return_routed_experts"] = True
         try:
             self.llm = LLM(**kwargs)
         except ValueError as exc:  # vLLM's config validation (pydantic errors are ValueErrors)
@@ -85,6 +95,8 @@ class VLLMEngine(GenerationEngine):
             raise RuntimeError(
                 f"Generation engine: vLLM failed to start from {self.model_dir}: {why}"
             ) from None
+        if s.return_routing and platform.use_cpu():
+            self.llm.collective_rpc(routing.install_capture)
         return {
             "startup_s": time.perf_counter() - start,
             "pid": os.getpid(),
@@ -117,7 +129,28 @@ class VLLMEngine(GenerationEngine):
                 use_tqdm=False,
             )
             done += len(wave)
-        return [to_samples(out, self.version) for out in outputs]
+        result = [to_samples(out, self.version) for out in outputs]
+        if self.settings.return_routing:
+            self._attach_routing(outputs, result)
+        return result
+
+    def _attach_routing(self, outputs: list[Any], result: list[list[Sample]]) -> None:
+        """Each sample's routed experts (routing.py): vLLM's own output on its runner V2, else what the
+        hooked routers filed during this generate (the CPU path)."""
+        taken = self.llm.collective_rpc(routing.take_captured)[0] if platform.use_cpu() else None
+        if taken is not None:
+            by_key = {routing.request_key(rid): rec for rid, rec in taken["requests"].items()}
+            num_layers = self.llm.llm_engine.vllm_config.model_config.get_total_num_hidden_layers()
+        for out, samples in zip(outputs, result):
+            for c, sample in zip(out.outputs, samples):
+                length = len(out.prompt_token_ids) + len(sample.token_ids) - 1
+                if taken is None:
+                    sample.routed_experts = routing.native(c.routed_experts, length)
+                    continue
+                key = (out.request_id, c.index)
+                if key not in by_key:
+                    raise RuntimeError(f"routed-experts capture has no record of request {key}")
+                sample.routed_experts = routing.assemble(*by_key[key], taken["layers"], num_layers, length)
 
     # Continuous generation (generation/inflight.py): requests in, finished groups out, refits in between.
 

@@ -39,6 +39,9 @@ class Trajectory:
     text: str = ""  # the model turns' text (what a single-turn environment scores)
     reward: float | None = None
     stats: dict[str, float] = field(default_factory=dict)  # per episode: tool calls, env seconds, ...
+    # MoE, with policy.router_replay: the experts the engine routed each token of prompt + response to,
+    # [prompt + response - 1, layers, top_k] (generation/routing.py); None: not returned
+    routed_experts: torch.Tensor | None = None
 
 
 @dataclass
@@ -62,6 +65,8 @@ class Rollouts:
     turn_spans: list[list[tuple[int, int]]] = field(default_factory=list)
     group_ids: list[int] = field(default_factory=list)
     stats: list[dict[str, float]] = field(default_factory=list)
+    # Empty: no sample carries the engine's routing (Trajectory.routed_experts)
+    routed_experts: list[torch.Tensor | None] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.response_ids)
@@ -101,6 +106,7 @@ class Rollouts:
             text=self.responses[i] if self.responses else "",
             reward=float(self.rewards[i]) if self.rewards is not None else None,
             stats=self.stats[i] if self.stats else {},
+            routed_experts=self.routed_experts[i] if self.routed_experts else None,
         )
 
     @staticmethod
@@ -119,6 +125,8 @@ class Rollouts:
             out.turn_spans.append(t.turn_spans)
             out.group_ids.append(t.group_id)
             out.stats.append(t.stats)
+        if any(t.routed_experts is not None for t in items):
+            out.routed_experts = [t.routed_experts for t in items]
         if items and all(t.reward is not None for t in items):
             out.rewards = torch.tensor([t.reward for t in items], dtype=torch.float32)
         return out
@@ -152,6 +160,7 @@ class Rollouts:
             responses=pick(self.responses) if self.responses else [],
             rewards=self.rewards[idx] if self.rewards is not None else None,
             advantages=self.advantages[idx] if self.advantages is not None else None,
+            routed_experts=pick(self.routed_experts) if self.routed_experts else [],
         )
 
     def _pick_explicit(self, idx: list[int]) -> Rollouts:
@@ -189,6 +198,8 @@ class Rollouts:
             out.finish_reasons += p.finish_reasons
             out.metadata += p.metadata
             out.responses += p.responses
+        if any(p.routed_experts for p in parts):
+            out.routed_experts = [r for p in parts for r in (p.routed_experts or [None] * len(p))]
         if all(p.rewards is not None for p in parts):
             out.rewards = torch.cat([p.rewards for p in parts])
         if all(p.advantages is not None for p in parts):
@@ -222,4 +233,6 @@ class Rollouts:
                     "adv": float(self.advantages[i]),
                 }
             )
+            if self.routed_experts and self.routed_experts[i] is not None:
+                seqs[-1]["routing"] = self.routed_experts[i]  # [n, layers, top_k], aligned like the fields
         return seqs

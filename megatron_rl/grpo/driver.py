@@ -105,6 +105,9 @@ def run(cfg: Any) -> int:
                                 for seq, lp in zip(seqs, policy.logprobs(seqs, reference=True)):
                                     seq["ref_lp"] = lp
                         metrics["train/token_mult_prob_error"] = _mismatch(seqs)
+                        replay = cfg.policy.router_replay != "off"
+                        if replay and (agree := policy.router_agreement()) is not None:
+                            metrics["train/router_agreement"] = agree  # before any replay (docs/policy.md)
                         with t("train"):
                             train = policy.train(seqs, g.loss, loss_settings)
                         metrics.update(

@@ -90,6 +90,14 @@ class PolicyGroup:
                     out[i] = lp
         return out  # type: ignore[return-value]
 
+    def router_agreement(self) -> float | None:
+        """The fraction of token-layer routing decisions where the trainer's routers chose the engine's
+        experts in the last logprob forward (before any replay), over all ranks; None when none was counted
+        (a dense model, or no engine routing)."""
+        counts = gather([w.router_agreement_counts.remote() for w in self.workers], "router agreement", 60)
+        agree, total = (sum(c[i] for c in counts) for i in (0, 1))
+        return agree / total if total else None
+
     def train(
         self, seqs: list[dict[str, Any]], loss_name: str, loss_kwargs: dict[str, Any]
     ) -> dict[str, float]:

@@ -27,6 +27,7 @@ class PolicySpec:
     seed: int = 1234
     micro_batch_tokens: int = 4096
     keep_reference: bool = False
+    router_replay: str = "off"  # MoE: off | measure | engine (policy/router_replay.py)
     collective_timeout_s: float = 600.0  # torch.distributed's, from run.watchdog (megatron_rl.faults.watchdog)
 
 
@@ -36,9 +37,15 @@ LOG_NAME = "policy_rank"  # rank r writes <run>/logs/policy_rank<r>.log
 def micro_batches(seqs: list[dict[str, Any]], token_budget: int) -> list[dict[str, torch.Tensor]]:
     from megatron_rl.data.collate import collate_sequences
     from megatron_rl.data.packing import pack_by_token_budget
+    from megatron_rl.policy.router_replay import collate_routing
 
     groups = pack_by_token_budget([len(s["ids"]) for s in seqs], token_budget)
-    return [dict(collate_sequences([seqs[i] for i in g]), index=torch.tensor(g)) for g in groups]
+    mbs = [dict(collate_sequences([seqs[i] for i in g]), index=torch.tensor(g)) for g in groups]
+    for mb, g in zip(mbs, groups):
+        # the engine's routed experts, in the same rows and token order as input_ids
+        if (routing := collate_routing([seqs[i] for i in g])) is not None:
+            mb["routing"] = routing
+    return mbs
 
 
 class PolicyWorker(RankActor):
@@ -68,7 +75,11 @@ class PolicyWorker(RankActor):
             self.spec.parallel, seed=self.spec.seed, timeout_s=round(self.spec.collective_timeout_s)
         )
         self.policy = MegatronPolicy(
-            load_hf_config(self.spec.hf_dir), self.spec.parallel, self.spec.optim, precision(self.spec.dtype)
+            load_hf_config(self.spec.hf_dir),
+            self.spec.parallel,
+            self.spec.optim,
+            precision(self.spec.dtype),
+            router_replay=self.spec.router_replay,
         )
         self.policy.load_hf(self.spec.hf_dir)
         if self.spec.keep_reference:
@@ -98,6 +109,8 @@ class PolicyWorker(RankActor):
         finally:
             if saved is not None:
                 self._swap(saved)
+        if not reference and self.policy.replay is not None:
+            self.routing_counts = (self.policy.replay.agree, self.policy.replay.total)
         if per_mb is None or parallel_state.get_tensor_model_parallel_rank() != 0:
             return None
         out: list[torch.Tensor | None] = [None] * len(seqs)
@@ -105,6 +118,11 @@ class PolicyWorker(RankActor):
             for row, i in enumerate(mb["index"].tolist()):
                 out[i] = lp[row, : len(seqs[i]["ids"]) - 1].clone()
         return out  # type: ignore[return-value]
+
+    def router_agreement_counts(self) -> tuple[int, int]:
+        """(token-layer routing decisions where this rank's routers chose the engine's experts, decisions
+        counted) in the last policy logprob forward; the group sums them over ranks."""
+        return getattr(self, "routing_counts", (0, 0))
 
     def train(
         self, seqs: list[dict[str, Any]], loss_name: str, loss_kwargs: dict[str, Any]

@@ -13,7 +13,9 @@ from megatron_rl.generation.client import EngineClient
 from megatron_rl.generation.group import EngineGroup
 from megatron_rl.grpo.policy_group import PolicyGroup
 from megatron_rl.grpo.policy_worker import PolicySpec
+from megatron_rl.models.hf_config import load_hf_config
 from megatron_rl.parallel import ParallelConfig
+from megatron_rl.policy.router_replay import check_usable
 
 
 def build_policy(cfg: Any, model_dir: str) -> PolicyGroup:
@@ -29,7 +31,9 @@ def build_policy(cfg: Any, model_dir: str) -> PolicyGroup:
         micro_batch_tokens=cfg.policy.micro_batch_tokens,
         keep_reference=bool(cfg.grpo.kl_coef),
         collective_timeout_s=collective_timeout_s(cfg.run.watchdog),
+        router_replay=cfg.policy.router_replay,
     )
+    check_usable(cfg.policy.router_replay, load_hf_config(model_dir), par.cp)
     table = placement.check(cfg)
     # GPU: the bundles also reserve the colocated engines' share of the ranks' GPUs and CPUs.
     bundles = placement.policy_bundles(cfg, table) if table.gpu else None
@@ -63,6 +67,7 @@ def build_engine(
         cpu_kv_cache_gb=g.cpu_kv_cache_gb,
         trust_remote_code=cfg.model.trust_remote_code,
         seed=cfg.run.seed,
+        return_routing=cfg.policy.router_replay != "off",
     )
     table = placement.check(cfg)
     refit = RefitSettings(transport=g.refit_transport, bucket_mb=g.refit_bucket_mb, timeout_s=g.timeout_s)

@@ -19,6 +19,7 @@ from megatron_rl import platform
 from megatron_rl.models.builder import build_model_with_config
 from megatron_rl.parallel import ParallelConfig
 from megatron_rl.policy.optim import OptimConfig, build_optimizer, wrap_ddp
+from megatron_rl.policy.router_replay import ReplayState
 
 LossFn = Callable[[torch.Tensor, dict[str, Any]], tuple[torch.Tensor, Any, dict[str, torch.Tensor]]]
 
@@ -33,7 +34,10 @@ class MegatronPolicy:
         optim: Any | None = None,
         dtype: torch.dtype = torch.float32,
         train: bool = True,
+        router_replay: str = "off",
     ) -> None:
+        """`router_replay` (MoE): "engine" replays micro-batches' `routing` in every forward, "measure" only
+        counts how often the routers agree with it, "off" ignores it (policy/router_replay.py)."""
         from megatron.core import parallel_state
 
         self.parallel = parallel
@@ -42,7 +46,12 @@ class MegatronPolicy:
         if parallel.pp > 1:
             # Micro-batches are packed by token budget, so their shapes differ; p2p sends shapes first.
             overrides["variable_seq_lengths"] = True
+        if router_replay != "off":
+            overrides["moe_enable_routing_replay"] = True
         chunks, self.config, self.arch = build_model_with_config(hf_config, parallel, dtype, **overrides)
+        self.replay = (
+            ReplayState(chunks, router_replay, parallel.sequence_parallel) if router_replay != "off" else None
+        )
         self.optimizer = self.scheduler = None
         if train:
             optim = optim or OptimConfig()
@@ -94,7 +103,12 @@ class MegatronPolicy:
         # the softmax itself, docs/policy.md).
         labels = torch.nn.functional.pad(padded[:, 1:], (0, 1))
         mask = platform.attention_mask(padded.shape[1], padded.device)
+        if self.replay is not None:
+            chunk = next(i for i, c in enumerate(self.model) if c is model)
+            targets = self.replay.before_forward(chunk, mb, padded.shape[1])
         output = model(padded, positions, mask, labels=labels)
+        if self.replay is not None:
+            self.replay.after_forward(chunk, targets)
 
         def loss_func(token_loss: torch.Tensor):
             return loss_fn(-token_loss[:, : s - 1], mb)
@@ -124,6 +138,8 @@ class MegatronPolicy:
         """Per-token logprobs [b, s-1] for each micro-batch on the last pipeline stage; None elsewhere."""
         for chunk in self.model:
             chunk.eval()
+        if self.replay is not None:
+            self.replay.reset_counts(counting=True)
 
         def collect(logprobs: torch.Tensor, mb: dict[str, Any]):
             return torch.zeros((), device=logprobs.device), 1, {"logprobs": logprobs.float().cpu()}
@@ -138,6 +154,8 @@ class MegatronPolicy:
         for chunk in self.model:
             chunk.train()
             chunk.zero_grad_buffer()
+        if self.replay is not None:
+            self.replay.reset_counts(counting=False)
         self.optimizer.zero_grad()
 
         def tracked(logprobs: torch.Tensor, mb: dict[str, Any]):
