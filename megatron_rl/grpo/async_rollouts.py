@@ -83,6 +83,11 @@ def make_rollout_source(
         )
     if not k or cfg.generation.colocated:
         return SyncRollouts(engine, data, env, advantage_fn, cfg, episodes)
+    if cfg.policy.get("router_replay") not in (None, "off"):
+        raise UserError(
+            f"grpo.max_staleness={k}: policy.router_replay={cfg.policy.router_replay} needs the experts each "
+            "token was routed to, which continuous generation does not return yet; use grpo.max_staleness=0."
+        )
     if episodes is not None or cfg.data.kind == "environment":
         raise UserError(
             f"grpo.max_staleness={k}: asynchronous GRPO generates single-turn responses to dataset prompts; "
