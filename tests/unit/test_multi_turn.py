@@ -306,7 +306,7 @@ def test_episode_setup_from_the_recipe_and_its_errors():
     from megatron_rl.grpo.episodes import episode_setup
 
     setup = episode_setup(compose("tiny_multiturn"), TOK)
-    assert setup.limits == EpisodeLimits(max_turns=3, max_new_tokens=4, max_tokens=256)
+    assert setup.limits == EpisodeLimits(max_turns=2, max_new_tokens=4, max_tokens=256)
     assert episode_setup(compose("tiny"), TOK) is None  # single-turn
     with pytest.raises(UserError, match="max_episode_tokens=512 exceeds generation.max_model_len=256"):
         episode_setup(compose("tiny_multiturn", ["env.max_episode_tokens=512"]), TOK)
