@@ -23,10 +23,11 @@ from megatron_rl.policy.optim import OptimConfig
 def _routing_maps(policy: MegatronPolicy) -> tuple[list[Any], dict[int, list[torch.Tensor]]]:
     """Hooks on every router of the rank's model: layer index -> its routing maps, one per forward."""
     from megatron.core.transformer.moe.router import TopKRouter
+    from megatron.core.utils import unwrap_model
 
     seen: dict[int, list[torch.Tensor]] = {}
     hooks = []
-    for module in policy.model[0].modules():
+    for module in unwrap_model(policy.model[0]).decoder.modules():  # MTP layers never run
         if isinstance(module, TopKRouter):
             layer = module.layer_number - 1
             seen[layer] = []
