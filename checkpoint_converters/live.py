@@ -184,7 +184,7 @@ def export_hf_weights(chunks: list[Any], *, grads: bool = False) -> Iterator[tup
     for name, tensor in _export(chunks, mapping, grads):
         yield name, tensor
         for copy in mapping.copies_of(name, model.config.num_layers, mtp):
-            yield copy, tensor
+            yield copy, tensor.clone()  # a file writer refuses two names over one storage
 
 
 def _export(chunks: list[Any], mapping: ArchMapping, grads: bool) -> Iterator[tuple[str, torch.Tensor]]:

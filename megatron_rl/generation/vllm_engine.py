@@ -71,6 +71,9 @@ class VLLMEngine(GenerationEngine):
             tensor_parallel_size=s.tp,
             trust_remote_code=s.trust_remote_code,
         )
+        from megatron_rl.models.hf_config import load_hf_config
+
+        kwargs.update(platform.vllm_engine_kwargs(s.dtype, load_hf_config(self.model_dir)))
         if not platform.use_cpu():
             kwargs["gpu_memory_utilization"] = s.gpu_memory_utilization
         if s.return_routing:

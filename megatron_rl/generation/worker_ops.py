@@ -133,6 +133,7 @@ def end_reload(worker: Any) -> dict[str, Any]:
     start, cpu = time.perf_counter(), time.process_time()
     with set_current_vllm_config(worker.vllm_config):
         finalize_layerwise_reload(model, worker.model_config)
+        platform.repack_cpu_moe_after_reload(model)
         _refresh_tied_head(model)
     runner = worker.model_runner
     for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):
@@ -140,7 +141,7 @@ def end_reload(worker: Any) -> dict[str, Any]:
             getattr(runner, reset)()
     platform.synchronize()
     finalized = time.perf_counter()
-    missing = sorted({n for n, _ in model.named_parameters()} - r["names"])
+    missing = sorted({n for n, _ in model.named_parameters()} - r["names"] - _derived_parameters(model))
     return {
         "tensors": r["tensors"],
         "bytes": r["bytes"],
@@ -151,6 +152,15 @@ def end_reload(worker: Any) -> dict[str, Any]:
         "load_cpu_s": r["load_cpu_s"] + time.process_time() - cpu,
         "missing": missing,
     }
+
+
+# Parameters an engine computes from loaded ones instead of loading them: vLLM's multi-latent attention absorbs
+# kv_b_proj into W_UK_T and W_UV when a reload is finalized (process_weights_after_loading).
+_DERIVED = ("mla_attn.W_UK_T", "mla_attn.W_UV")
+
+
+def _derived_parameters(model: torch.nn.Module) -> set[str]:
+    return {n for n, _ in model.named_parameters() if n.endswith(_DERIVED)}
 
 
 def _refresh_tied_head(model: torch.nn.Module) -> None:

@@ -342,3 +342,32 @@ def activation_fusion() -> bool:
     gives it eager kernels. Off on GPU, where its kernels are torch.compile'd and this project has not
     measured them against the unfused path."""
     return use_cpu()
+
+
+def vllm_engine_kwargs(dtype: str, hf_config: dict[str, Any]) -> dict[str, Any]:
+    """What a vLLM engine needs on this platform beyond its settings. On CPUs with AMX, vLLM picks its AMX
+    multi-latent-attention backend, whose kernels take bf16/fp16/int8 weights only and refuse fp32 at start
+    ("expect weight to be bfloat16..."): fp32 engines of MLA models ask for the reference CPU MLA backend."""
+    if use_cpu() and dtype in ("float32", "fp32") and hf_config.get("kv_lora_rank"):
+        return {"attention_config": {"backend": "CPU_MLA"}}
+    return {}
+
+
+def repack_cpu_moe_after_reload(model: torch.nn.Module) -> int:
+    """vLLM's CPU MoE experts keep their weights prepacked for its grouped GEMM. A weight reload writes plain
+    weights into those parameters, and vLLM's unquantized MoE method skips the prepack on a weight update
+    (it only re-lays-out for GPU kernels), so the engine would multiply with unpacked data as if packed: the
+    routed experts' outputs after a refit differ from a fresh load of the same weights. Prepack them again.
+    Returns the number of expert layers repacked."""
+    if not use_cpu():
+        return 0
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+
+    repacked = 0
+    for module in model.modules():
+        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+        experts = getattr(kernel, "fused_experts", None)
+        if isinstance(experts, CPUUnquantizedExperts) and hasattr(module, "w13_weight"):
+            experts.process_weights_after_loading(module)
+            repacked += 1
+    return repacked
