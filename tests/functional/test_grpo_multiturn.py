@@ -2,11 +2,12 @@
 game through the real vLLM engine and Megatron ranks, token in / token out. One short run; its metrics
 answer every assertion below.
 
-- Episodes really are multi-turn (`rollout/turns_mean` > 1.5 on every step).
+- Episodes really are multi-turn (`rollout/turns_mean` > 1.5 over the run, > 1.2 on every step: a step's
+  16 hidden numbers may favour a first-guess hit).
+- The reward rises: the mean of the last 4 steps beats the first 4 by a margin.
 - The trainer scored exactly the engine's tokens: in fp32 the per-token probability ratio between Megatron's
   and vLLM's logprobs of the model's tokens is ~1 on every step (observations re-tokenized differently, or
   a context shifted by a token, would show here as ratios far from 1).
-The reward does not rise yet within a CI-sized run (docs/agents.md), so no test claims it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import sys
 import pytest
 import yaml
 
-STEPS = 10
+STEPS = 16
+K = 4  # steps averaged at each end for the reward rise
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
 
 
@@ -38,7 +40,8 @@ def multiturn_run(tmp_path_factory):
 def test_episodes_are_multi_turn_and_metrics_are_logged(multiturn_run):
     rows, max_turns = multiturn_run
     assert len(rows) == STEPS
-    assert all(r["rollout/turns_mean"] > 1.5 for r in rows), [r["rollout/turns_mean"] for r in rows]
+    turns = [r["rollout/turns_mean"] for r in rows]
+    assert sum(turns) / len(turns) > 1.5 and min(turns) > 1.2, turns
     for key in ("rollout/tool_calls_per_episode", "rollout/tool_errors", "rollout/truncated_episodes",
                 "rollout/env_s", "rollout/failed_episodes", "rollout/engine_calls"):  # fmt: skip
         assert key in rows[0], key
@@ -51,3 +54,8 @@ def test_trainer_and_engine_saw_the_same_tokens(multiturn_run):
     errors = [r["train/token_mult_prob_error"] for r in multiturn_run[0]]
     assert len(errors) == STEPS and all(e <= 1.001 for e in errors), errors
 
+
+def test_reward_rises(multiturn_run):
+    rewards = [r["reward/mean"] for r in multiturn_run[0]]
+    first, last = sum(rewards[:K]) / K, sum(rewards[-K:]) / K
+    assert last > first + 0.08, rewards
