@@ -289,9 +289,11 @@ class AsyncRollouts:
                     "buffer": [g.as_json() for g in self.buffer],
                     "in_flight": [{"position": g.position, "item": g.item}
                                   for g in [*self.in_flight.values(), *self.to_send]],  # fmt: skip
-                    # groups filtered since the last step (recorded with the next one) and their rewards
-                    "filtered": self._since_step["filtered"],
-                    "scored": self._since_step["scored"],
+                    # groups filtered since the last step (recorded with the next one) and their rewards;
+                    # copies: the checkpoint is written after the lock is released, while the producer goes
+                    # on filtering, and a group finished after this snapshot is still in "in_flight" above
+                    "filtered": list(self._since_step["filtered"]),
+                    "scored": list(self._since_step["scored"]),
                 },
             }
 

@@ -35,3 +35,24 @@ def test_a_buffered_group_round_trips_through_json():
     group = Group(17, {"prompt": "5+7=", "answer": "12", "prompt_ids": [1, 2]}, samples, [1.0])
     back = Group.from_json(json.loads(json.dumps(group.as_json())))
     assert back == group and back.oldest_version() == 3
+
+
+def test_a_checkpoint_snapshot_does_not_change_when_a_group_is_filtered_afterwards(tmp_path):
+    """The trainer writes the snapshot after releasing the lock while the producer goes on: a group that
+    finishes (filtered) after the snapshot must stay "in flight" there only, or a resumed run would both
+    record it as filtered and generate it again (one prompt counted twice)."""
+    from types import SimpleNamespace
+
+    from megatron_rl.grpo.async_rollouts import AsyncRollouts
+
+    cfg = compose("tiny", ["grpo.max_staleness=1", "generation.colocated=false", "grpo.dynamic_sampling=true"])
+    engine = SimpleNamespace(weight_version=0)
+    data = SimpleNamespace(state_dict=lambda: {"position": 1})
+    env = SimpleNamespace(score=lambda texts, meta: [1.0] * len(texts))  # all equal: filtered
+    source = AsyncRollouts(engine, data, env, None, cfg, tmp_path / "rollout_prompts.jsonl")
+    source.in_flight["p0.1"] = Group(0, {"prompt": "1+1=", "answer": "2", "prompt_ids": [1, 2]})
+    snapshot = source.state_dict()
+    source._finish("p0.1", [Sample([3], [-0.1], "stop", "2", 0)] * cfg.grpo.num_generations)
+    assert source._since_step["filtered"] == [0]
+    assert [g["position"] for g in snapshot["async"]["in_flight"]] == [0]
+    assert snapshot["async"]["filtered"] == [] and snapshot["async"]["scored"] == []
