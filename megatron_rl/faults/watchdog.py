@@ -27,11 +27,14 @@ def collective_timeout_s(watchdog: Any) -> float:
     return float(watchdog.factor * watchdog.floor_s)
 
 
+EXIT_GRACE_S = 30.0
+
+
 class Watchdog:
     """`with watchdog.phase("train", step):` arms a deadline for that phase; when it passes, `on_hang(phase,
     step, elapsed, deadline)` runs in the watchdog's thread (collect stacks, stop the stuck workers so the
     main thread's wait ends in an error). If the main thread is still stuck `floor_s` later it is
-    interrupted, and the process exits `floor_s` after that: never a hang."""
+    interrupted, and the process exits max(`floor_s`, EXIT_GRACE_S) after that: never a hang."""
 
     def __init__(self, settings: Any, on_hang: Callable[[str, int, float, float], None]) -> None:
         self.enabled, self.factor, self.floor_s = bool(settings.enabled), settings.factor, settings.floor_s
@@ -100,8 +103,11 @@ class Watchdog:
                 f"hang watchdog: the report failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True
             )
         for action in ("interrupt", "exit"):
+            # Exiting kills the process: the interrupted main thread gets at least EXIT_GRACE_S to unwind
+            # (a loaded machine can take seconds), whatever a short floor says.
+            grace = self.floor_s if action == "interrupt" else max(self.floor_s, EXIT_GRACE_S)
             with self._cond:
-                self._cond.wait_for(lambda: self._armed is not armed or self._stop, timeout=self.floor_s)
+                self._cond.wait_for(lambda: self._armed is not armed or self._stop, timeout=grace)
                 if self._armed is not armed or self._stop:
                     return
             if action == "interrupt":
