@@ -85,8 +85,8 @@ def test_reward_rises_as_in_the_synchronous_run(killed_and_resumed):
     rewards = [r["reward/mean"] for r in metrics]
     first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
     # The synchronous run is deterministic and asserts a 0.05 rise; an asynchronous one is not (what each
-    # step trains depends on timing), and the difference of two 10-step means of this run varies by about
-    # 0.025 between runs, so 0.05 failed runs that did learn (rises of 0.058 to 0.10 measured).
+    # step trains depends on timing), and the difference of two 10-step means varies by about 0.025 between
+    # runs: measured rises of 0.058 and 0.10 put 0.05 inside the noise of a run that learns.
     assert last > first + 0.03, (first, last)
 
 
