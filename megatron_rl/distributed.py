@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import queue
 import socket
 import traceback
@@ -95,7 +96,10 @@ def _worker(
     from megatron_rl.errors import UserError
 
     try:
-        results.put((rank, "ok", fn(rank, *args)))
+        # Plain pickle copies tensors into the message. torch's queue would share their storage through a
+        # file descriptor that this process must still serve when the parent reads it; a rank that had
+        # already exited left the parent with FileNotFoundError (seen once under a loaded CI run).
+        results.put((rank, "ok", pickle.dumps(fn(rank, *args))))
     except UserError as exc:  # bad input: the parent re-raises it as is, without a traceback
         results.put((rank, "user_error", str(exc)))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent with its traceback
@@ -146,7 +150,7 @@ def spawn(
                 raise UserError(value)
             if status == "error":
                 raise SpawnError(f"rank {rank} failed: {value}")
-            outputs[rank] = value
+            outputs[rank] = pickle.loads(value)  # our own child's return value, pickled just above
     finally:
         for p in procs:
             p.join(timeout=5 if len(outputs) == world_size else 0.1)

@@ -61,6 +61,8 @@ def test_a_phase_still_stuck_after_the_report_is_interrupted():
 
 
 def test_a_signal_stops_at_once_before_any_step_and_waits_for_the_step_end_after(tmp_path):
+    # Not necessarily SIG_DFL: ray.init, run earlier in the same pytest process, installs its own.
+    handler_before = signal.getsignal(signal.SIGTERM)
     (tmp_path / REQUEST_FILE).write_text("")  # left by the job before a requeue: not a new request
     with Preemption(tmp_path) as preemption:
         assert preemption.requested is None and not (tmp_path / REQUEST_FILE).exists()
@@ -76,7 +78,7 @@ def test_a_signal_stops_at_once_before_any_step_and_waits_for_the_step_end_after
         preemption.immediate = False
         (tmp_path / REQUEST_FILE).write_text("")  # the Slurm batch shell's request
         assert preemption.requested == f"request file {tmp_path / REQUEST_FILE}"
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) == handler_before
 
 
 def test_stuck_in_names_the_innermost_frame_of_the_busiest_thread():
