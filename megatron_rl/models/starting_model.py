@@ -17,21 +17,7 @@ def prepare_model(cfg: Any, run_path: Path) -> str:
             return str(smollm2)
         # An instruct model that never makes the environment's moves on its own (SmolLM2 and tool calls)
         # learns them from the environment's demonstrations first.
-        final = run_path / "start_model"
-        if not (final / "config.json").is_file():
-            from omegaconf import OmegaConf
-
-            from megatron_rl.models.warm_start import sft_warm_start
-
-            sft_warm_start(
-                smollm2,
-                final,
-                cfg.model.warmup_sft_steps,
-                OmegaConf.to_container(cfg.data.arithmetic),
-                lr=cfg.model.warmup_sft_lr,
-                environment=(cfg.env.name, OmegaConf.to_container(cfg.env.kwargs)),
-            )
-        return str(final)
+        return _warm_started(cfg, smollm2, run_path / "start_model", with_environment=True)
     if not src.startswith("tiny:"):
         from megatron_rl.models.hf_config import load_hf_config
 
@@ -46,19 +32,24 @@ def prepare_model(cfg: Any, run_path: Path) -> str:
     raw = save_tiny_checkpoint(run_path / "tiny_random", arch, seed=cfg.run.seed)
     if not cfg.model.warmup_sft_steps:
         return str(raw)
-    from omegaconf import OmegaConf
+    # an environment's own demonstrations (e.g. the guessing game), else arithmetic
+    return _warm_started(cfg, raw, final, with_environment=cfg.data.kind == "environment")
 
-    from megatron_rl.models.warm_start import sft_warm_start
 
-    environment = None
-    if cfg.data.kind == "environment":  # the environment's own demonstrations (e.g. the guessing game)
-        environment = (cfg.env.name, OmegaConf.to_container(cfg.env.kwargs))
-    sft_warm_start(
-        raw,
-        final,
-        cfg.model.warmup_sft_steps,
-        OmegaConf.to_container(cfg.data.arithmetic),
-        lr=cfg.model.warmup_sft_lr,
-        environment=environment,
-    )
+def _warm_started(cfg: Any, base: Path, final: Path, with_environment: bool) -> str:
+    """`base` after `model.warmup_sft_steps` of SFT, written to `final` once (a resumed run reuses it)."""
+    if not (final / "config.json").is_file():
+        from omegaconf import OmegaConf
+
+        from megatron_rl.models.warm_start import sft_warm_start
+
+        environment = (cfg.env.name, OmegaConf.to_container(cfg.env.kwargs)) if with_environment else None
+        sft_warm_start(
+            base,
+            final,
+            cfg.model.warmup_sft_steps,
+            OmegaConf.to_container(cfg.data.arithmetic),
+            lr=cfg.model.warmup_sft_lr,
+            environment=environment,
+        )
     return str(final)
