@@ -7,6 +7,7 @@ same table drives offline conversion and per-step refit.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -170,24 +171,62 @@ def _entries(chunks: list[Any], mapping: ArchMapping) -> list[dict[str, Any]]:
     return out
 
 
-def export_hf_weights(chunks: list[Any], *, grads: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+@dataclass(frozen=True)
+class StageSenders:
+    """Who sends what in a refit from a pipelined policy: each pipeline stage's tp=0/dp=0/cp=0 rank
+    receives its stage's tensors (its TP peers' shards, its EP peers' experts) and streams them."""
+
+    senders: tuple[int, ...]  # the global rank of each stage's sender, in stage order
+    sender_of: tuple[int, ...]  # every global rank -> the sender of its stage
+
+    def stage_of(self, rank: int) -> int:
+        return self.senders.index(self.sender_of[rank])
+
+
+def stage_senders() -> StageSenders:
+    """Every rank must call it (one all-gather of each rank's pipeline stage)."""
+    from megatron.core import parallel_state as ps
+
+    lead = (
+        ps.get_tensor_model_parallel_rank() == 0
+        and ps.get_data_parallel_rank() == 0
+        and ps.get_context_parallel_rank() == 0
+    )
+    mine = (ps.get_pipeline_model_parallel_rank(), lead)
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    first: dict[int, int] = {}
+    for rank, (stage, is_lead) in enumerate(every):
+        if is_lead:
+            first.setdefault(stage, rank)
+    return StageSenders(tuple(first[s] for s in sorted(first)), tuple(first[s] for s, _ in every))
+
+
+def export_hf_weights(
+    chunks: list[Any], *, grads: bool = False, stages: StageSenders | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Yields (hf_name, full tensor) on global rank 0; every rank must iterate it (collectives inside).
 
     `grads=True` exports gradients (DDP's main_grad, else .grad) in the same HF names and layout; buffers
     and frozen (MTP) weights have none and are left out then.
+    `stages` (stage_senders()): each pipeline stage's sender yields only its own stage's tensors (first
+    stage: the embeddings; last: final norm and output layer, none with tied embeddings, whose one copy
+    is the first stage's), so no rank ever holds the whole model.
     """
     from megatron.core.utils import unwrap_model
 
     model = unwrap_model(chunks[0])
     mapping = _mapping_from_model(model)
     mtp = 0 if grads else getattr(model, "mtp_layers", 0)
-    for name, tensor in _export(chunks, mapping, grads):
+    for name, tensor in _export(chunks, mapping, grads, stages):
         yield name, tensor
         for copy in mapping.copies_of(name, model.config.num_layers, mtp):
             yield copy, tensor.clone()  # a file writer refuses two names over one storage
 
 
-def _export(chunks: list[Any], mapping: ArchMapping, grads: bool) -> Iterator[tuple[str, torch.Tensor]]:
+def _export(
+    chunks: list[Any], mapping: ArchMapping, grads: bool, stages: StageSenders | None
+) -> Iterator[tuple[str, torch.Tensor]]:
     from megatron.core.utils import unwrap_model
 
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -214,19 +253,20 @@ def _export(chunks: list[Any], mapping: ArchMapping, grads: bool) -> Iterator[tu
             # The owner's TP peers hold the other shards of the same (chunk, name).
             if entry is not None and _same_tp_group_as(src, entry["expert"]):
                 tensors = _gather_tp(params[(chunk_idx, name)], entry, grads)
-            if src == 0:
-                if rank == 0:
+            dst = stages.sender_of[src] if stages is not None else 0
+            if src == dst:
+                if rank == dst:
                     yield from zip(hf_names, tensors)
                 continue
-            # Point-to-point to rank 0 (other pipeline stages / expert ranks), on the training device:
-            # NCCL only moves GPU tensors.
+            # Point-to-point to the receiver (rank 0, or the stage's sender: from other pipeline stages /
+            # expert ranks), on the training device: NCCL only moves GPU tensors.
             dev = platform.device()
             for i, hf_name in enumerate(hf_names):
                 if rank == src:
                     meta = torch.tensor(list(tensors[i].shape) + [-1] * (4 - tensors[i].dim()), device=dev)
-                    dist.send(meta, dst=0)
-                    dist.send(tensors[i].to(dev).contiguous(), dst=0)
-                elif rank == 0:
+                    dist.send(meta, dst=dst)
+                    dist.send(tensors[i].to(dev).contiguous(), dst=dst)
+                elif rank == dst:
                     meta = torch.empty(4, dtype=torch.long, device=dev)
                     dist.recv(meta, src=src)
                     shape = [int(x) for x in meta.tolist() if x >= 0]

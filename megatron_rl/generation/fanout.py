@@ -149,6 +149,26 @@ def send_to_engines(
     )
 
 
+def stream(
+    senders: list[transports.Sender],
+    weights: Iterable[tuple[str, torch.Tensor]],
+    settings: RefitSettings,
+) -> dict[str, Any]:
+    """The middle of a refit whose begin and end someone else runs (one pipeline stage's sender,
+    generation/stages.py): every bucket of `weights` through `senders` into their engines, loaded.
+    Returns `bytes`, `tensors`, `buckets`, `stream_s` and the parts of `account` but `checks_s`."""
+    clock = _Clock()
+    start = time.perf_counter()
+    figures = _stream(
+        senders, [c for s in senders for c in s.clients], clock.timed(weights), settings, clock, "load_bucket"
+    )
+    for sender in senders:
+        t0 = time.perf_counter()
+        sender.finish_stream()
+        clock.parts["transport_s"] += time.perf_counter() - t0
+    return {**figures, **clock.parts, "stream_s": time.perf_counter() - start}
+
+
 def _stream(
     senders: list[transports.Sender],
     ordered: list[Any],

@@ -53,6 +53,9 @@ class Sender(ABC):
         """Packs one bucket into `slot` once and submits `method` to every engine; returns their calls
         (ObjectRefs, in `clients` order). The slot must not be refilled before all of them have returned."""
 
+    def finish_stream(self) -> None:  # noqa: B027 - only the stage broadcast passes the turn on
+        """Called once every bucket of a refit went through and every engine loaded it."""
+
     def close(self) -> None:  # noqa: B027 - nothing to release by default
         pass
 
@@ -175,6 +178,7 @@ class BroadcastSender(Sender):
         self.clients[0]._wait(joined, "joining the weight-broadcast group")
         self.opts = dist.BroadcastOptions()
         self.opts.rootRank = 0
+        self.group_key: dict[str, str] = {}  # which of the engine's groups a bucket travels by
 
     def send_bucket(self, slot: int, bucket: buckets.Bucket, method: str = "load_bucket") -> list[Any]:
         layout = buckets.plan(bucket)
@@ -184,6 +188,7 @@ class BroadcastSender(Sender):
             "slot": slot,
             "backend": self.backend,
             "header": layout.header,
+            **self.group_key,
         }
         refs = [c._submit(method, "broadcast", desc) for c in self.clients]
         device = platform.device() if self.backend == "nccl" else torch.device("cpu")
@@ -197,6 +202,101 @@ class BroadcastSender(Sender):
     def close(self) -> None:
         self.group = None
         self.store = None
+
+
+class StageBroadcastSender(BroadcastSender):
+    """One pipeline stage's broadcast group of several: stage i's sender is rank 0 of its own group with
+    every engine's workers (ranks 1..), all groups under prefixes of one store that stage 0's sender hosts
+    (`address`). Stage 0's sender asks every engine to join the groups in stage order, so no two engines
+    wait for each other in different groups. In one shared group every sender would have to receive the
+    other stages' tensors too. An engine runs its calls one at a time in arrival order, so the stages take
+    turns: stage i sends its first broadcast bucket once stage i-1 has set its key in the store, which it
+    does when every engine has loaded its last bucket."""
+
+    def __init__(
+        self,
+        clients: list[Any],
+        settings: RefitSettings,
+        index: int,
+        count: int,
+        address: tuple[str, int] | None = None,
+    ) -> None:
+        Sender.__init__(self, clients, settings)
+        import ray
+        import torch.distributed as dist
+
+        on_gpu = all(c.on_gpu for c in self.clients)
+        self.backend = "nccl" if not platform.use_cpu() and on_gpu else "gloo"
+        self.index, self.count, self.group, self.refits, self._turn = index, count, None, 0, True
+        self.world = 1 + sum(_workers(c) for c in self.clients)
+        self.timeout = datetime.timedelta(seconds=settings.timeout_s)
+        self.joined: list[Any] = []
+        if index == 0:
+            host = ray.util.get_node_ip_address()
+            self.address = (host, _free_port(host))
+            stores = 1 + (count - 1) + count * (self.world - 1)
+            self.store = dist.TCPStore(
+                host, self.address[1], stores, is_master=True, timeout=self.timeout, wait_for_workers=False
+            )
+            for stage in range(count):
+                first = 1
+                for c in self.clients:
+                    args = (host, self.address[1], self.world, self.backend, settings.timeout_s, first)
+                    self.joined.append(c._submit("join_group", *args, _prefix(stage)))
+                    first += _workers(c)
+        else:
+            if address is None:
+                raise ValueError("a later stage's sender joins the groups at stage 0's address")
+            self.address = tuple(address)
+            self.store = dist.TCPStore(address[0], address[1], 1, is_master=False, timeout=self.timeout)
+        self.group_store = dist.PrefixStore(_prefix(index), self.store)
+        self.group_key = {"group": _prefix(index)}
+        self.opts = dist.BroadcastOptions()
+        self.opts.rootRank = 0
+
+    def connect(self) -> None:
+        """Builds this stage's group (blocks until every engine worker has joined it)."""
+        if self.group is not None:
+            return
+        import torch.distributed as dist
+
+        if self.backend == "nccl":
+            options = dist.ProcessGroupNCCL.Options()
+            self.group = dist.ProcessGroupNCCL(self.group_store, 0, self.world, options)
+        else:
+            self.group = dist.ProcessGroupGloo(self.group_store, 0, self.world, self.timeout)
+        if self.joined:
+            self.clients[0]._wait(self.joined, "joining the weight-broadcast groups")
+            self.joined = []
+
+    def start_refit(self) -> None:
+        self.refits += 1
+        self._turn = self.index == 0
+
+    def _key(self, index: int) -> str:
+        return f"refit{self.refits}/stage{index}/done"
+
+    def _await_turn(self) -> None:
+        if not self._turn:
+            self.store.wait([self._key(self.index - 1)], self.timeout)
+            self._turn = True
+
+    def send_bucket(self, slot: int, bucket: buckets.Bucket, method: str = "load_bucket") -> list[Any]:
+        self._await_turn()
+        return super().send_bucket(slot, bucket, method)
+
+    def finish_stream(self) -> None:
+        self._await_turn()
+        self.store.set(self._key(self.index), b"1")
+
+
+def _prefix(stage: int) -> str:
+    return f"stage{stage}/"
+
+
+def _workers(client: Any) -> int:
+    """An engine's workers, each a member of the broadcast groups."""
+    return getattr(client.settings, "world", None) or client.settings.tp
 
 
 _SENDERS: dict[tuple[str, tuple[str, ...]], Sender] = {}
@@ -214,13 +314,43 @@ def sender_for(clients: list[Any], kind: str, settings: RefitSettings) -> Sender
     for other in [k for k in _SENDERS if k[0] == kind and k != key and set(k[1]) & set(ids)]:
         _SENDERS.pop(other).close()
     sender = _SENDERS.get(key)
-    if sender is None or sender.settings != settings:
+    if sender is None or sender.settings != settings or type(sender) is not _CLASSES[kind]:
         if sender is not None:
             sender.close()
         sender = _SENDERS[key] = _CLASSES[kind](clients, settings)
     by_id = {c.actor_id: c for c in clients}
     sender.clients = [by_id[c.actor_id] for c in sender.clients]  # the caller's handles (refit settings)
     return sender
+
+
+def cached_stage_groups() -> dict[tuple[str, ...], tuple[int, tuple[str, int]]]:
+    """This process's stage broadcast groups: engine ids -> (stage count, stage 0's address)."""
+    return {k[1]: (v.count, v.address) for k, v in _SENDERS.items() if isinstance(v, StageBroadcastSender)}
+
+
+def stage_broadcast_sender(
+    clients: list[Any], settings: RefitSettings, index: int, count: int, address: tuple[str, int] | None
+) -> StageBroadcastSender:
+    """This process's stage group for these engines: the cached one when it is the group at `address`
+    (stage 0: when `address` is its own), else a new one (stage 0: `address` None asks for a new one)."""
+    key = ("broadcast", tuple(sorted(c.actor_id for c in clients)))
+    for other in [k for k in _SENDERS if k[0] == "broadcast" and k != key and set(k[1]) & set(key[1])]:
+        _SENDERS.pop(other).close()
+    sender = _SENDERS.get(key)
+    reuse = (
+        isinstance(sender, StageBroadcastSender)
+        and sender.settings == settings
+        and (sender.index, sender.count) == (index, count)
+        and address is not None
+        and sender.address == tuple(address)
+    )
+    if not reuse:
+        if sender is not None:
+            sender.close()
+        sender = _SENDERS[key] = StageBroadcastSender(clients, settings, index, count, address)
+    by_id = {c.actor_id: c for c in clients}
+    sender.clients = [by_id[c.actor_id] for c in sender.clients]
+    return sender  # type: ignore[return-value]
 
 
 def discard(sender: Sender) -> None:

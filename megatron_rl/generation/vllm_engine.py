@@ -295,12 +295,22 @@ class VLLMEngine(GenerationEngine):
         return {"refit_s": time.perf_counter() - start}
 
     def join_group(
-        self, host: str, port: int, world: int, backend: str, timeout_s: float, first_rank: int = 1
+        self,
+        host: str,
+        port: int,
+        world: int,
+        backend: str,
+        timeout_s: float,
+        first_rank: int = 1,
+        prefix: str = "",
     ) -> None:
         # The trainer's sender is rank 0; this engine's tp workers take first_rank .. first_rank + tp - 1
-        # (several engines share one group, each with its own range).
+        # (several engines share one group, each with its own range). `prefix` names one pipeline stage's
+        # group of several (generation/stages.py).
         self.llm.collective_rpc(
-            lambda w: worker_ops.join_group(w, host, port, first_rank + w.rank, world, backend, timeout_s)
+            lambda w: worker_ops.join_group(
+                w, host, port, first_rank + w.rank, world, backend, timeout_s, prefix
+            )
         )
 
     def read_weights(self) -> dict[str, torch.Tensor]:

@@ -40,6 +40,7 @@ def begin_reload(worker: Any) -> None:
     st = _state(worker)
     st["refit"] = {
         "names": set(),
+        "received": set(),
         "tensors": 0,
         "bytes": 0,
         "receive_s": 0.0,
@@ -63,6 +64,16 @@ def load_bucket(worker: Any, kind: str, desc: dict[str, Any]) -> dict[str, float
     if kind == "cuda_ipc" or (kind == "broadcast" and desc.get("backend") == "nccl"):
         torch.cuda.synchronize()
     received = time.perf_counter()
+    r = st["refit"]
+    names = [n for n, _ in tensors]
+    # With one sender per pipeline stage, a tensor two stages both exported would silently win by arrival
+    # order: every tensor must arrive exactly once per refit (end_reload checks that none is missing).
+    twice = sorted(r["received"].intersection(names))
+    if not twice and len(set(names)) < len(names):
+        twice = sorted({n for i, n in enumerate(names) if n in names[:i]})
+    if twice:
+        raise ValueError(f"the refit received {twice[0]!r} twice{' (and more)' if len(twice) > 1 else ''}")
+    r["received"].update(names)
     model = _model(worker)
     with set_current_vllm_config(worker.vllm_config), torch.no_grad():
         try:
@@ -77,7 +88,6 @@ def load_bucket(worker: Any, kind: str, desc: dict[str, Any]) -> dict[str, float
             _release_buffered(model)
         if kind == "cuda_ipc":
             torch.cuda.synchronize()  # the sender refills this buffer as soon as the call returns
-    r = st["refit"]
     r["names"].update(loaded or ())
     r["tensors"] += len(tensors)
     size = sum(buckets.nbytes(t) for _, t in tensors)
@@ -257,28 +267,34 @@ def forget_shm(worker: Any, paths: list[str] | None = None) -> None:
 
 
 def join_group(
-    worker: Any, host: str, port: int, rank: int, world: int, backend: str, timeout_s: float
+    worker: Any, host: str, port: int, rank: int, world: int, backend: str, timeout_s: float, prefix: str = ""
 ) -> None:
-    """Joins the trainer's weight-broadcast group as `rank` (the trainer's sender is rank 0). The group is
+    """Joins the trainer's weight-broadcast group as `rank` (the trainer's senders come first). The group is
     built from a TCP store directly, never as torch.distributed's default group, which the in-process
-    engine already owns."""
+    engine already owns. With `prefix` it is one pipeline stage's group of several (one per stage's
+    sender, under that prefix of one store), kept beside the others; a bucket names its group."""
     import torch.distributed as dist
 
     st = _state(worker)
     timeout = datetime.timedelta(seconds=timeout_s)
     store = dist.TCPStore(host, port, world, is_master=False, timeout=timeout)
+    if prefix:
+        store = dist.PrefixStore(prefix, store)
     if backend == "nccl":
-        st["group"] = dist.ProcessGroupNCCL(store, rank, world, dist.ProcessGroupNCCL.Options())
+        group = dist.ProcessGroupNCCL(store, rank, world, dist.ProcessGroupNCCL.Options())
     else:
-        st["group"] = dist.ProcessGroupGloo(store, rank, world, timeout)
-    st["store"] = store
+        group = dist.ProcessGroupGloo(store, rank, world, timeout)
+    if prefix:
+        st.setdefault("groups", {})[prefix] = (group, store)
+    else:
+        st["group"], st["store"] = group, store
     st["recv"] = {}
 
 
 def _broadcast(worker: Any, st: dict[str, Any], desc: dict[str, Any]) -> buckets.Bucket:
     import torch.distributed as dist
 
-    group = st["group"]
+    group = st["groups"][desc["group"]][0] if desc.get("group") else st["group"]
     if group is None:
         raise RuntimeError("broadcast refit before the engine joined the trainer's group")
     size, slot = desc["size"], desc["slot"]

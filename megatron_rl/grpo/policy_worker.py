@@ -169,11 +169,22 @@ class PolicyWorker(RankActor):
 
     def push_hf_weights(self, engine: Any, version: int) -> dict[str, Any] | None:
         """Every rank joins the gather; rank 0 streams the HF tensors into the engine bucket by bucket through
-        the engine's configured transport (shared memory, CUDA IPC or a broadcast group)."""
+        the engine's configured transport (shared memory, CUDA IPC or a broadcast group). With pipeline
+        parallelism each stage's sender streams its own stage's tensors instead (generation/stages.py)."""
+        from megatron.core import parallel_state
+
         from checkpoint_converters import export_hf_weights
         from megatron_rl.generation.client import stream_from_policy_rank
 
-        return stream_from_policy_rank(engine, export_hf_weights(self.policy.model), self.rank, version)
+        if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+            return stream_from_policy_rank(engine, export_hf_weights(self.policy.model), self.rank, version)
+        from checkpoint_converters.live import stage_senders
+        from megatron_rl.generation.stages import stream_from_stages
+
+        stages = stage_senders()
+        weights = export_hf_weights(self.policy.model, stages=stages)
+        engines = engine if isinstance(engine, list) else [engine]
+        return stream_from_stages(engines, weights, stages, version)
 
     def hf_weights(self) -> list[tuple[str, torch.Tensor]] | None:
         """All weights in HF names and layout (gathered over TP/EP/PP); returned by rank 0 only."""

@@ -116,3 +116,60 @@ def test_a_failing_engine_fails_the_refit_naming_it(engines, models):
     with pytest.raises(WorkerError, match=r"engine \d of 2.*not newer"):
         fanout.send_to_engines(engines, hf_weights(models[1]), v)
     assert [e.version() for e in engines] == [v, v]  # both still serve, at the old version
+
+
+# Refit from a pipelined policy (generation/stages.py): each pipeline stage's sender streams its own stage.
+
+
+@pytest.fixture(scope="module")
+def pp2_policy(engines, models):
+    """A PP=2 Megatron policy (two ranks, one stage each) beside the two engines, on models[2]'s weights."""
+    from megatron_rl.grpo.policy_group import PolicyGroup
+    from megatron_rl.grpo.policy_worker import PolicySpec
+    from megatron_rl.parallel import ParallelConfig
+
+    policy = PolicyGroup(PolicySpec(models[2], ParallelConfig(pp=2)), 2, gpus_per_rank=0, cpus_per_rank=0.5)
+    yield policy
+    policy.shutdown()
+
+
+def test_a_tensor_sent_twice_fails_the_refit(engines, models):
+    """Each parameter must arrive exactly once per refit (two stages must never both send one)."""
+    from megatron_rl.generation import fanout
+    from megatron_rl.ray_utils import WorkerError
+
+    v = engines[0].version()
+    weights = list(hf_weights(models[1]))
+    with pytest.raises(WorkerError, match="received 'model.norm.weight' twice"):
+        # the final norm goes first and again near the end, in another bucket (an in-bucket repeat is refused
+        # while packing, buckets.plan)
+        fanout.send_to_engines(engines, [w for w in weights if w[0] == "model.norm.weight"] + weights, v + 1)
+    assert [e.version() for e in engines] == [v, v]
+
+
+@pytest.mark.parametrize("transport", ["shm", "broadcast"])
+def test_pipeline_stages_each_send_their_own_layers(engines, models, pp2_policy, transport):
+    """shm: each stage's sender fills slot files of its own, the two stages at once. broadcast: one gloo
+    group of both senders and both engines, each sender broadcasting from its own rank, stage after stage.
+    Afterwards both engines hold exactly the policy's weights; no rank sent (or held) the whole model."""
+    from megatron_rl.generation import fanout
+
+    fanout.send_to_engines(engines, hf_weights(models[1]), engines[0].version() + 1)  # not the policy's
+    version = engines[0].version() + 1
+    stats = pp2_policy.push_hf_weights([c.with_refit(transport=transport) for c in engines], version)
+    assert stats["transport"] == transport and stats["missing"] == [] and stats["version"] == version
+    assert [e["transport"] for e in stats["engines"]] == [transport, transport]
+    full = dict(hf_weights(models[2]))
+    assert stats["tensors"] == len(full) and stats["bytes"] == sum(t.numel() * 4 for t in full.values())
+    first, last = stats["senders"]
+    assert (first["stage"], first["rank"], last["stage"], last["rank"]) == (0, 0, 1, 1)
+    assert first["layers"] == [0, 1] and first["extra"] == ["model.embed_tokens.weight"]
+    assert last["layers"] == [2, 3] and last["extra"] == ["lm_head.weight", "model.norm.weight"]
+    assert first["tensors"] + last["tensors"] == len(full) and 0 < first["bytes"] < stats["bytes"]
+    for engine in engines:
+        assert engine.version() == version
+        assert_same_weights(engine.read_weights(), full.items())
+        assert engine.generate([PROMPT], GREEDY)[0][0].weight_version == version
+    parts = [stats[p] for p in fanout.PARTS]
+    assert all(p >= 0 for p in parts) and stats["engine_load_s"] > 0 and stats["transport_s"] > 0
+    assert stats["slowest_sender"] in (0, 1) and -0.01 < stats["unexplained_fraction"] < 0.5, stats
