@@ -101,8 +101,16 @@ def policy_gpus(cfg: Any) -> int:
 
 
 def engine_width(cfg: Any) -> int:
-    """GPUs of one engine: its tensor-parallel size (1 process on CPU, whatever tp says)."""
-    return int(cfg.generation.tp) if cfg.cluster.gpus_per_node else 1
+    """GPUs of one engine: generation.tp * generation.pp (1 process on CPU, whatever they say)."""
+    g = cfg.generation
+    return int(g.tp) * int(g.get("pp") or 1) if cfg.cluster.gpus_per_node else 1
+
+
+def _width_name(cfg: Any) -> str:
+    """How a message names an engine's width: by the keys that set it."""
+    g = cfg.generation
+    pp = int(g.get("pp") or 1)
+    return f"generation.tp={g.tp}" if pp == 1 else f"generation.tp*pp={g.tp}*{pp}"
 
 
 def num_engines(cfg: Any) -> int:
@@ -131,6 +139,7 @@ def placement(cfg: Any) -> Placement:
         return i // per_node, i % per_node
 
     total, policy, width = c.nodes * per_node, policy_gpus(cfg), engine_width(cfg)
+    named = _width_name(cfg)
     colocated, span = bool(g.colocated), bool(g.get("span_nodes"))
     problems: list[str] = []
     ranks = [RankSlot(r, *where(r)) for r in range(policy)]
@@ -147,21 +156,20 @@ def placement(cfg: Any) -> Placement:
             problems.append(f"generation.gpus={pool} leaves none of the {total} GPUs to the policy")
         elif count * width > pool:
             problems.append(
-                f"{count} engines of generation.tp={width} GPUs need {count * width} GPUs but {what} hold "
+                f"{count} engines of {named} GPUs need {count * width} GPUs but {what} hold "
                 f"{pool}: GPUs would be over-subscribed (lower generation.num_engines)"
             )
         elif pool % width:
-            problems.append(f"engines of generation.tp={width} GPUs do not tile {what}")
+            problems.append(f"engines of {named} GPUs do not tile {what}")
         if width > per_node and not span:
             problems.append(
-                f"an engine of generation.tp={width} GPUs is wider than a node ({per_node} GPUs): set "
+                f"an engine of {named} GPUs is wider than a node ({per_node} GPUs): set "
                 f"generation.span_nodes=true to spread it over {-(-width // per_node)} nodes, or lower "
-                f"generation.tp"
+                f"generation.tp" + ("" if named.startswith("generation.tp=") else " or generation.pp")
             )
         elif span and width > per_node and width % per_node:
             problems.append(
-                f"an engine spanning nodes takes whole nodes: generation.tp={width} is not a multiple of "
-                f"{per_node} GPUs"
+                f"an engine spanning nodes takes whole nodes: {named} is not a multiple of {per_node} GPUs"
             )
         for e in range(min(count, max(pool, 0) // width)):
             start = first + e * width
@@ -171,7 +179,7 @@ def placement(cfg: Any) -> Placement:
         crossing = [e.engine for e in engines if len(e.nodes) > 1]
         if crossing and not span and width <= per_node:
             problems.append(
-                f"engines {crossing} would cross nodes: generation.tp={width} must divide a node's "
+                f"engines {crossing} would cross nodes: {named} must divide a node's "
                 f"{per_node} GPUs (or set generation.span_nodes=true)"
             )
         partial = [e.engine for e in engines if len(e.nodes) > 1 and e.gpus[0][1] != 0]

@@ -164,13 +164,13 @@ class BroadcastSender(Sender):
         self.backend = "nccl" if not platform.use_cpu() and on_gpu else "gloo"
         host = ray.util.get_node_ip_address()
         port = _free_port(host)
-        world = 1 + sum(c.settings.tp for c in self.clients)
+        world = 1 + sum(c.settings.world for c in self.clients)
         timeout = datetime.timedelta(seconds=settings.timeout_s)
         self.store = dist.TCPStore(host, port, world, is_master=True, timeout=timeout, wait_for_workers=False)
         joined, first = [], 1
         for c in self.clients:
             joined.append(c._submit("join_group", host, port, world, self.backend, settings.timeout_s, first))
-            first += c.settings.tp
+            first += c.settings.world
         if self.backend == "nccl":
             self.group = dist.ProcessGroupNCCL(self.store, 0, world, dist.ProcessGroupNCCL.Options())
         else:

@@ -137,6 +137,12 @@ def _generation_layout_problems(cfg: Any, arch: Arch) -> list[str]:
     problems = []
     if arch.heads % g.tp:
         problems.append(f"generation.tp={g.tp} must divide the attention heads ({arch.heads}) for vLLM")
+    if g.get("expert_parallel") and not arch.experts:
+        problems.append(
+            f"generation.expert_parallel=true needs a mixture-of-experts model; model.hf_path={cfg.model.hf_path} is dense"
+        )
+    if g.get("pp", 1) > arch.layers:
+        problems.append(f"generation.pp={g.pp} exceeds the model's {arch.layers} layers")
     # Where engines and ranks sit: the runtime's own table (engines per node, spanning, the separate pool).
     problems += placement(cfg).problems
     if g.max_model_len > cfg.policy.max_seq_len:

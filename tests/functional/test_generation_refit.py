@@ -140,6 +140,49 @@ def test_greedy_matches_transformers(engine, models):
     assert sample.token_ids == hf_greedy(models[0], PROMPT, 12)
 
 
+# fp32 logprobs of the same tokens from a tp=2 and a tp=1 engine differ only by the order of the tp
+# all-reduce's sums (docs/generation.md has the measured difference).
+TP_LOGPROB_TOLERANCE = 1e-4
+
+
+def test_tp2_engine_refits_and_generates_like_tp1(engine, models):
+    """A tp=2 engine (two vLLM workers under the multiprocess executor, children of the engine's actor),
+    refitted through shared memory and then through a gloo broadcast from another process: both workers
+    receive every bucket and load their shard, and it generates what the module's tp=1 engine generates
+    with the same weights. Runs while that engine still serves models[0] at version 0."""
+    import ray
+
+    from megatron_rl.generation.client import EngineClient
+
+    assert engine.version() == 0
+    tp2 = EngineClient(
+        models[1], EngineSettings(tp=2, max_model_len=512, seed=0), num_cpus=0.5, refit=engine.refit
+    )
+    try:
+        own = tp2.generate([PROMPT], GREEDY)[0][0].token_ids
+        stats = tp2.update_weights(hf_weights(models[0]), version=1)
+        assert stats["transport"] == "shm" and stats["missing"] == [] and stats["tensors"] == 39
+        assert stats["engines"][0]["workers"] == 2 and stats["engines"][0]["tensors"] == 39  # each worker
+        prompts = [PROMPT, PROMPT[:6]]
+        got, want = tp2.generate(prompts, GREEDY), engine.generate(prompts, GREEDY)
+        for mine, theirs in zip(got, want):
+            assert mine[0].weight_version == 1 and mine[0].token_ids == theirs[0].token_ids
+            diff = (torch.tensor(mine[0].logprobs) - torch.tensor(theirs[0].logprobs)).abs().max().item()
+            assert diff <= TP_LOGPROB_TOLERANCE, diff
+        rank0 = ray.remote(num_cpus=0.1)(TrainerRank).remote()
+        try:
+            stats = ray.get(rank0.push.remote(tp2, models[1], 2, "broadcast"), timeout=120)
+        finally:
+            ray.kill(rank0)
+        assert stats["transport"] == "broadcast" and stats["missing"] == []
+        assert stats["engines"][0]["workers"] == 2 and stats["engines"][0]["tensors"] == 39
+        back = tp2.generate([PROMPT], GREEDY)[0][0]
+        assert tp2.version() == 2 and back.weight_version == 2
+        assert back.token_ids == own != got[0][0].token_ids
+    finally:
+        tp2.shutdown()
+
+
 def test_refit_through_shared_memory(engine, models):
     # Layers split across buckets must survive the sender refilling the first bucket's slot.
     assert straddling_layers(hf_weights(models[1]), int(engine.refit.bucket_mb * 2**20))
