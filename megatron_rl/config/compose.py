@@ -226,6 +226,9 @@ def check_values(cfg: Any) -> None:
             raise UserError(f"{key}={value} is out of range: it must be {bounds}.")
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", cfg.run.name):
         raise UserError(f"run.name={cfg.run.name!r} must use only letters, digits, '.', '_' and '-'.")
+    from megatron_rl import colocation
+
+    colocation.check(cfg)  # sleep mode and offload settings the platform or layout cannot honour
 
 
 def compose(recipe: str, overrides: list[str] | None = None, command: str = "grpo") -> Any:

@@ -101,6 +101,9 @@ class PolicyConfig:
     # (the engine returns the experts it routed each token to, train/router_agreement is logged); engine
     # (that, and the trainer's logprob and train forwards replay the engine's routing).
     router_replay: str = "off"
+    # Colocated GPU runs: none | optimizer | optimizer_and_grads freed to host memory while the engines
+    # generate (docs/policy.md); null: what the memory plan needs (megatron_rl/colocation.py).
+    offload_during_generation: str | None = None
 
 
 @dataclass
@@ -111,12 +114,6 @@ class GenerationConfig:
     max_new_tokens: int = 64
     stop: list[str] = field(default_factory=list)
     tp: int = 1
-    # Pipeline stages of one engine (vLLM pipeline_parallel_size): an engine holds tp * pp GPUs; stages on
-    # several nodes need generation.span_nodes (vLLM's Ray executor, GPU only).
-    pp: int = 1
-    # MoE models: shard each layer's experts over the engine's GPUs instead of slicing every expert by tp
-    # (vLLM enable_expert_parallel); refused for a dense model.
-    expert_parallel: bool = False
     max_model_len: int = 1024
     gpu_memory_utilization: float = 0.6
     enforce_eager: bool = True
@@ -139,6 +136,9 @@ class GenerationConfig:
     max_failures: int = 3
     # Seconds an engine may take to answer one call (a generation batch, a refit) before it counts as stuck.
     timeout_s: float = 600.0
+    # vLLM sleep while the policy trains: 0 off, 1 weights to host memory and KV cache discarded, 2 both
+    # discarded (the refit writes the weights again); null: 2 colocated on GPU, else 0 (docs/generation.md).
+    sleep_level: int | None = None
 
 
 @dataclass
@@ -299,9 +299,9 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "generation.max_model_len": (1, None),
     "generation.gpu_memory_utilization": (0.01, 1.0),
     "generation.num_engines": (0, None),
-    "generation.pp": (1, None),
     "generation.max_failures": (0, None),
     "generation.timeout_s": (1, None),
+    "generation.sleep_level": (0, 2),
     "env.max_turns": (1, None),
     "env.max_episode_tokens": (0, None),
     "env.step_workers": (1, None),

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from megatron_rl import console, platform
-from megatron_rl.generation import engine_parallel, fanout, transports
+from megatron_rl.generation import fanout, transports
 from megatron_rl.generation.base import (
     EngineSettings,
     GenerationEngine,
@@ -30,7 +30,6 @@ from megatron_rl.generation.base import (
     SamplingSettings,
 )
 from megatron_rl.generation.vllm_engine import VLLMEngine, check_model_dir
-from megatron_rl.models.hf_config import load_hf_config
 from megatron_rl.placement import EngineResources
 from megatron_rl.rank_actors import placed_on
 from megatron_rl.ray_utils import actor_env, gather, remote_class
@@ -95,10 +94,6 @@ class EngineClient(GenerationEngine):
         import ray
 
         check_model_dir(model_dir)  # before any process starts: the clearest error, at once
-        if resources is not None and resources.workers:
-            # Its GPUs are Ray workers in its bundles (an engine spanning nodes): vLLM's Ray executor.
-            settings = dataclasses.replace(settings, executor="ray")
-        engine_parallel.check(model_dir, load_hf_config(model_dir), settings)
         self.model_dir, self.settings, self.timeout_s = model_dir, settings, timeout_s
         self.refit = refit or RefitSettings()
         self.resources = resources
@@ -214,6 +209,14 @@ class EngineClient(GenerationEngine):
 
     def version(self) -> int:
         return self._wait([self._submit("ping")], "ping", 60)[0]
+
+    def sleep(self, level: int) -> dict[str, float]:
+        """vLLM sleep (VLLMEngine.sleep): the engine releases its weights and KV cache."""
+        return self._wait([self._submit("sleep", level)], f"sleep (level {level})")[0]
+
+    def wake_up(self, tags: list[str] | None = None) -> dict[str, float]:
+        """Brings back the memory of `tags` ("weights", "kv_cache"; None: both)."""
+        return self._wait([self._submit("wake_up", tags)], f"wake-up ({', '.join(tags or ['all'])})")[0]
 
     def read_weights(self) -> dict[str, torch.Tensor]:
         """The engine's weights as it computes with them (vLLM names, fused layouts), on this side."""

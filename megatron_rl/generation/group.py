@@ -65,11 +65,15 @@ class EngineGroup(GenerationEngine):
         num_engines: int,
         max_failures: int = 3,
         timeout_s: float = 600.0,
+        sleep_level: int = 0,
     ) -> None:
-        """`start_engine(i)` starts engine i (its resources and log name); a restart calls it again."""
+        """`start_engine(i)` starts engine i (its resources and log name); a restart calls it again.
+        `sleep_level`: what `sleep()` asks of every engine (0: the group never sleeps)."""
         if num_engines < 1:
             raise ValueError(f"an engine group needs at least one engine, not {num_engines}")
         self._start, self.max_failures, self.timeout_s = start_engine, max_failures, timeout_s
+        self.sleep_level = sleep_level
+        self.asleep: set[str] = set()  # the memory tags every engine has released (a restart matches it)
         self.weight_version = 0
         self.restarts = 0
         # Refits a set of engines with one export (from the policy of the last refit_from); restarts use it.
@@ -231,6 +235,54 @@ class EngineGroup(GenerationEngine):
     def _add_refit_s(self, index: int, seconds: float) -> None:
         self._stats["refit_s"][index] = self._stats["refit_s"].get(index, 0.0) + seconds
 
+    # Sleep mode (colocated GPU runs): every engine at once, a failure naming the engine.
+
+    def sleep(self) -> dict[str, float]:
+        """Every engine releases its weights and KV cache (vLLM sleep at the group's level). Returns the
+        wall seconds and the device GB freed over all engines."""
+        if not self.sleep_level:
+            raise RuntimeError("sleep() on an engine group built without sleep mode (sleep_level=0)")
+        start = time.perf_counter()
+        self.asleep = {"weights", "kv_cache"}
+        stats = self._each("sleep", f"sleep (level {self.sleep_level})", self.sleep_level)
+        return {"sleep_s": time.perf_counter() - start, "freed_gb": sum(s["freed_gb"] for s in stats)}
+
+    def wake_up(self, tags: list[str] | None = None) -> dict[str, float]:
+        """Every engine brings back the memory of `tags` ("weights" before a refit, "kv_cache" after it;
+        None: both). Returns the wall seconds and the device GB taken over all engines."""
+        start = time.perf_counter()
+        self.asleep -= set(tags or ("weights", "kv_cache"))
+        stats = self._each("wake_up", f"wake-up ({', '.join(tags or ['all'])})", tags)
+        return {"wake_s": time.perf_counter() - start, "taken_gb": sum(s["taken_gb"] for s in stats)}
+
+    def _each(self, method: str, phase: str, *args: Any) -> list[dict[str, float]]:
+        """`method` on every engine concurrently. An engine whose process died is replaced (the new one is
+        brought to the group's sleep state, `self.asleep`, which the caller has already set)."""
+        clients = list(self.engines)
+        refs = [c._submit(method, *args) for c in clients]
+        out = []
+        for i, (client, ref) in enumerate(zip(clients, refs)):
+            try:
+                out += client._wait([ref], f"{phase} (engine {i} of {len(clients)})")
+            except WorkerError as exc:
+                if not _died(exc):
+                    raise
+                self._replace(i, client, f"its process died during {phase}")
+                out.append({})
+        return [{"freed_gb": 0.0, "taken_gb": 0.0, **o} for o in out]
+
+    def _match_sleep_state(self, fresh: EngineClient, refit: Callable[[], None]) -> None:
+        """A restarted engine (awake, weights from disk) into the group's state, refitted by `refit`: the
+        refit needs its weights awake, so with only the KV cache asleep (between a refit's wake-ups) it
+        sleeps and wakes its weights first; with everything asleep it is refitted first and then sleeps
+        (at level 2 that discards the refit: the group's next wake-up and refit write them again)."""
+        if self.asleep and "weights" not in self.asleep:
+            fresh.sleep(self.sleep_level)
+            fresh.wake_up(["weights"])
+        refit()
+        if "weights" in self.asleep:
+            fresh.sleep(self.sleep_level)
+
     # Health
 
     def _replace(self, index: int, client: EngineClient, why: str) -> None:
@@ -258,12 +310,17 @@ class EngineGroup(GenerationEngine):
                 client.resources.release()
             try:
                 fresh = self._start(index)
-                if self.weight_version > 0:
-                    if self._export is None:
-                        raise RuntimeError(
-                            f"no policy to refit it to weight version {self.weight_version} from"
-                        )
-                    self._add_refit_s(index, self._export({index: fresh}, self.weight_version)["refit_s"])
+
+                def refit() -> None:
+                    if self.weight_version > 0:
+                        if self._export is None:
+                            raise RuntimeError(
+                                f"no policy to refit it to weight version {self.weight_version} from"
+                            )
+                        stats = self._export({index: fresh}, self.weight_version)
+                        self._add_refit_s(index, stats["refit_s"])
+
+                self._match_sleep_state(fresh, refit)
                 if (got := fresh.version()) != self.weight_version:
                     raise RuntimeError(f"restarted at weight version {got}, not {self.weight_version}")
             except Exception as exc:

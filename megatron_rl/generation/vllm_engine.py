@@ -18,7 +18,7 @@ import torch
 
 from megatron_rl import platform
 from megatron_rl.errors import UserError
-from megatron_rl.generation import buckets, engine_parallel, routing, worker_ops
+from megatron_rl.generation import buckets, routing, worker_ops
 from megatron_rl.generation.base import EngineSettings, GenerationEngine, Sample, SamplingSettings
 from megatron_rl.generation.inflight import StreamLoop, to_samples, vllm_params
 
@@ -53,6 +53,8 @@ class VLLMEngine(GenerationEngine):
         self._refit_open = False
         self._stream: StreamLoop | None = None  # continuous generation, started by the first submit()
         self._calls = 0
+        self._asleep: set[str] = set()  # vLLM memory tags released by sleep() and not woken yet
+        self._weights_discarded = False  # slept at level 2 and not refitted since: the weights are garbage
 
     def start(self) -> dict[str, Any]:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -61,26 +63,27 @@ class VLLMEngine(GenerationEngine):
         start = time.perf_counter()
         from vllm import LLM
 
-        from megatron_rl.models.hf_config import load_hf_config
-
         s = self.settings
-        hf_config = load_hf_config(self.model_dir)
-        executor = s.executor or engine_parallel.executor_backend(s.world, ray_workers=False)
-        engine_parallel.check(self.model_dir, hf_config, s)
-        if platform.use_cpu():  # inherited by the multiprocess executor's worker processes
-            os.environ.update(engine_parallel.cpu_worker_env(s.world))
         kwargs: dict[str, Any] = dict(
             model=self.model_dir,
             dtype=s.dtype,
             enforce_eager=s.enforce_eager,
             max_model_len=s.max_model_len,
             seed=s.seed,
+            tensor_parallel_size=s.tp,
             trust_remote_code=s.trust_remote_code,
-            **engine_parallel.vllm_kwargs(s.tp, s.pp, s.expert_parallel, executor),
         )
-        kwargs.update(platform.vllm_engine_kwargs(s.dtype, hf_config))
+        from megatron_rl.models.hf_config import load_hf_config
+
+        kwargs.update(platform.vllm_engine_kwargs(s.dtype, load_hf_config(self.model_dir)))
         if not platform.use_cpu():
             kwargs["gpu_memory_utilization"] = s.gpu_memory_utilization
+        if s.sleep_level:
+            if platform.use_cpu():
+                raise UserError(
+                    f"generation.sleep_level={s.sleep_level}: vLLM has no sleep mode on CPU; set it to 0 or null."
+                )
+            kwargs["enable_sleep_mode"] = True  # memory in vLLM's pool, tagged "weights" and "kv_cache"
         if s.return_routing:
             # vLLM's own routed-experts output needs its model runner V2 (Triton: GPU); on CPU the routers
             # are hooked (routing.py), and a prompt served from the prefix cache would never be routed.
@@ -122,6 +125,7 @@ class VLLMEngine(GenerationEngine):
 
         if self._refit_open:
             raise RuntimeError("generate() during a weight update (begin_refit without end_refit)")
+        self._check_awake("generate()")
         if self._stream is not None:  # the loop owns the engine: these requests join its batch
             return self._generate_streamed(prompts, sampling)
         params = vllm_params(sampling)
@@ -220,6 +224,8 @@ class VLLMEngine(GenerationEngine):
             )
         if self._refit_open:
             raise RuntimeError("begin_refit while another weight update is open")
+        if "weights" in self._asleep:
+            raise RuntimeError("begin_refit while the engine's weights sleep: wake_up(['weights']) first")
         if self._stream is not None:
             self._stream.pause()  # at a token boundary; requests in flight wait for the new weights
         try:
@@ -245,13 +251,15 @@ class VLLMEngine(GenerationEngine):
             raise RuntimeError("end_refit without begin_refit")
         self._refit_open = False
         try:
-            stats = engine_parallel.merge_worker_stats(self.llm.collective_rpc(worker_ops.end_reload))
+            stats = self.llm.collective_rpc(worker_ops.end_reload)[0]
             if stats["tensors"] == 0:
                 raise ValueError("the weight update carried no tensors")
-            if reset_prefix_cache and self._stream is None:
+            if reset_prefix_cache and self._stream is None and "kv_cache" not in self._asleep:
                 # Cached prefix blocks hold KV computed with the old weights: serving them would be stale.
+                # (A sleeping KV cache was discarded, prefix cache with it.)
                 self.llm.reset_prefix_cache()
             self.version = version
+            self._weights_discarded = False
         finally:
             if self._stream is not None:  # also recomputes the KV of the requests in flight
                 self._stream.resume(self.version)
@@ -293,11 +301,69 @@ class VLLMEngine(GenerationEngine):
             raise ValueError(f"weight version {version} is not newer than {self.version}")
         if self._stream is not None:
             raise RuntimeError("update_weights_from_path while the engine generates continuously")
+        self._check_awake("update_weights_from_path()", weights_only=True)
         start = time.perf_counter()
         self.llm.collective_rpc(worker_ops.reload_from_path, args=(path,))
-        self.llm.reset_prefix_cache()
+        if "kv_cache" not in self._asleep:
+            self.llm.reset_prefix_cache()
         self.version = version
+        self._weights_discarded = False
         return {"refit_s": time.perf_counter() - start}
+
+    # Sleep mode (colocated GPU runs: megatron_rl/colocation.py). vLLM frees the memory it allocated under
+    # the tags "weights" and "kv_cache"; a partial wake_up brings back one tag, so a refit can run with the
+    # weights awake and the KV cache still released.
+
+    def sleep(self, level: int) -> dict[str, float]:
+        """vLLM sleep at `level` (1: weights to host memory, KV cache discarded; 2: both discarded, the next
+        refit must write every weight before the engine generates). Returns seconds and device GB freed."""
+        if level not in (1, 2) or level > self.settings.sleep_level:
+            raise ValueError(
+                f"sleep level {level}: this engine was built for sleep level {self.settings.sleep_level}"
+            )
+        if self._stream is not None or self._refit_open:
+            raise RuntimeError("sleep() while the engine generates continuously or a weight update is open")
+        start, free = time.perf_counter(), self._free_bytes()
+        self._sleep(level)
+        self._asleep = {"weights", "kv_cache"}
+        self._weights_discarded = self._weights_discarded or level == 2
+        return {"sleep_s": time.perf_counter() - start, "freed_gb": (self._free_bytes() - free) / 1e9}
+
+    def wake_up(self, tags: list[str] | None = None) -> dict[str, float]:
+        """Brings back the memory of `tags` ("weights", "kv_cache"; None: both). Returns seconds and the
+        device GB it took."""
+        tags = list(tags or ("weights", "kv_cache"))
+        unknown = set(tags) - {"weights", "kv_cache"}
+        if unknown:
+            raise ValueError(f"wake_up tags {sorted(unknown)}: only 'weights' and 'kv_cache' exist")
+        start, free = time.perf_counter(), self._free_bytes()
+        waking = [t for t in tags if t in self._asleep]
+        if waking:
+            self._wake_up(waking)
+            self._asleep -= set(waking)
+        return {"wake_s": time.perf_counter() - start, "taken_gb": (free - self._free_bytes()) / 1e9}
+
+    def asleep(self) -> list[str]:
+        """The memory tags that sleep now (empty: fully awake)."""
+        return sorted(self._asleep)
+
+    def _free_bytes(self) -> int:
+        """Free device memory summed over the engine's GPUs (each worker asks its own; 0 on CPU)."""
+        return sum(self.llm.collective_rpc(worker_ops.device_free_bytes))
+
+    def _sleep(self, level: int) -> None:
+        self.llm.sleep(level=level)
+
+    def _wake_up(self, tags: list[str]) -> None:
+        self.llm.wake_up(tags=tags)
+
+    def _check_awake(self, what: str, weights_only: bool = False) -> None:
+        if self._asleep and (not weights_only or "weights" in self._asleep):
+            raise RuntimeError(f"{what} while the engine sleeps ({', '.join(sorted(self._asleep))})")
+        if self._weights_discarded and not weights_only:
+            raise RuntimeError(
+                f"{what} after sleep level 2 discarded the weights: refit the engine before it generates"
+            )
 
     def join_group(
         self,

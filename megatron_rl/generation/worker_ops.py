@@ -33,6 +33,11 @@ def _model(worker: Any) -> torch.nn.Module:
     return worker.model_runner.get_model()
 
 
+def device_free_bytes(worker: Any) -> int:
+    """This worker's free GPU memory (sleep and wake figures); 0 on CPU."""
+    return platform.device_free_bytes()
+
+
 def begin_reload(worker: Any) -> None:
     from vllm.config import set_current_vllm_config
     from vllm.model_executor.model_loader.reload import initialize_layerwise_reload

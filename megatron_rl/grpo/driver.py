@@ -9,6 +9,7 @@ from typing import Any
 
 from megatron_rl import console
 from megatron_rl.algorithms.registry import get_advantage
+from megatron_rl.colocation import TimeShare
 from megatron_rl.config.schema import world_size
 from megatron_rl.data.prompts import build_prompt_splits
 from megatron_rl.environments.base import make_environment
@@ -82,6 +83,10 @@ def run(cfg: Any) -> int:
             start = state["step"]
             engine.refit_from(policy, version=start)
             rollouts.load_state_dict(state)
+        # Colocated on GPU: engines sleep while the policy trains, the policy's optimizer state leaves the
+        # GPU while the engines generate (megatron_rl/colocation.py; a no-op elsewhere).
+        share = TimeShare(cfg, policy, engine)
+        share.start()
         run_dir.start_logging(start if ckpt is not None else -1)
         faults.resumed(start)
         title, fields = BARS["grpo"]
@@ -98,6 +103,7 @@ def run(cfg: Any) -> int:
                         batch, metrics = rollouts.next_batch(step)
                     seqs = batch.sequences(mask_truncated=g.overlong_filter)
                     if seqs:
+                        share.before_training(metrics)
                         with t("logprobs"):
                             for seq, lp in zip(seqs, policy.logprobs(seqs)):
                                 seq["old_lp"] = lp
@@ -113,8 +119,10 @@ def run(cfg: Any) -> int:
                         metrics.update(
                             {k if k.startswith("memory/") else f"train/{k}": v for k, v in train.items()}
                         )
+                        share.before_refit(metrics)
                         with t("refit"):
                             refit = engine.refit_from(policy, version=step)
+                        share.after_refit(metrics)
                         rollouts.weights_updated(step)
                         metrics["refit/gb_per_s"] = refit["gb_per_s"]
                         # the engine's share (receive + load into its kernels); the rest is export + transport

@@ -114,6 +114,16 @@ class PolicyGroup:
     def load(self, directory: str) -> None:
         gather([w.load.remote(directory) for w in self.workers], "checkpoint load", self.timeout_s)
 
+    def offload(self, what: str) -> float:
+        """Every rank frees its optimizer state (and grad buffers, by `what`) until `onload` or the next
+        train step; returns the bytes freed on the fullest rank."""
+        got = gather([w.offload.remote(what) for w in self.workers], "offload", self.timeout_s)
+        return max(g["bytes"] for g in got)
+
+    def onload(self) -> float:
+        got = gather([w.onload.remote() for w in self.workers], "onload", self.timeout_s)
+        return max(g["bytes"] for g in got)
+
     def hf_weights(self) -> list[tuple[str, torch.Tensor]]:
         return gather([w.hf_weights.remote() for w in self.workers], "weight export", self.timeout_s)[0]
 

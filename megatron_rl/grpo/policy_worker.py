@@ -145,12 +145,21 @@ class PolicyWorker(RankActor):
     def save(self, directory: str) -> None:
         from megatron_rl.policy.checkpoint import save_checkpoint
 
-        save_checkpoint(self.policy, directory)
+        with self.policy.resident():
+            save_checkpoint(self.policy, directory)
 
     def load(self, directory: str) -> None:
         from megatron_rl.policy.checkpoint import load_checkpoint
 
-        load_checkpoint(self.policy, directory)
+        with self.policy.resident():
+            load_checkpoint(self.policy, directory)
+
+    def offload(self, what: str) -> dict[str, float]:
+        """Frees the optimizer state (and grad buffers) around generation (policy/offload.py)."""
+        return {"bytes": float(self.policy.offload(what))}
+
+    def onload(self) -> dict[str, float]:
+        return {"bytes": float(self.policy.onload())}
 
     def write_hf_buckets(self, directory: str, bucket_mb: int) -> tuple[list[str], int]:
         """Every rank joins the gather; rank 0 writes safetensors buckets of ~bucket_mb and lists them."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from megatron_rl import placement
+from megatron_rl import colocation, placement
 from megatron_rl.config.schema import world_size
 from megatron_rl.dtypes import hf_name
 from megatron_rl.faults.watchdog import collective_timeout_s
@@ -60,6 +60,8 @@ def build_engine(
     g = cfg.generation
     settings = EngineSettings(
         tp=g.tp,
+        pp=g.pp,
+        expert_parallel=g.expert_parallel,
         max_model_len=g.max_model_len,
         gpu_memory_utilization=g.gpu_memory_utilization,
         enforce_eager=g.enforce_eager,
@@ -68,6 +70,7 @@ def build_engine(
         trust_remote_code=cfg.model.trust_remote_code,
         seed=cfg.run.seed,
         return_routing=cfg.policy.router_replay != "off",
+        sleep_level=colocation.sleep_level(cfg),
     )
     table = placement.check(cfg)
     refit = RefitSettings(transport=g.refit_transport, bucket_mb=g.refit_bucket_mb, timeout_s=g.timeout_s)
@@ -85,4 +88,6 @@ def build_engine(
             log_name=f"engine{index}",
         )
 
-    return EngineGroup(start_engine, derive_num_engines(cfg), g.max_failures, g.timeout_s)
+    return EngineGroup(
+        start_engine, derive_num_engines(cfg), g.max_failures, g.timeout_s, sleep_level=settings.sleep_level
+    )

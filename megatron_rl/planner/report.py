@@ -48,10 +48,14 @@ def report(cfg: Any, p: Plan) -> None:
         note += " share cluster.host_memory_gb"
     else:
         note = "assumes: flash attention (no stored scores)"
-        if p.engine:
+        if p.engine and cfg.generation.colocated:
+            kept = {"none": "all its state", "optimizer": "its weights and gradients"}.get(
+                p.offload, "its weights"
+            )
+            engine = f"sleeps (level {p.sleep_level})" if p.sleep_level else "keeps its share"
             note += (
-                "; colocated vLLM sleeps while Megatron trains and Megatron's state stays resident while "
-                "vLLM generates"
+                f"; colocated vLLM {engine} while Megatron trains, Megatron keeps {kept} on the GPU while "
+                f"vLLM generates (policy.offload_during_generation={p.offload})"
             )
         note += f"; budget {HEADROOM:.0%} of device memory"
     out.print(note, highlight=False)

@@ -4,8 +4,10 @@ largest part.
 
 Assumptions (printed with the plan):
 - GPU: Transformer Engine's fused/flash attention, so attention scores are never stored.
-- Colocated generation time-shares each GPU: vLLM sleeps during training (weights offloaded, KV cache freed,
-  ~1 GiB left), while Megatron's weights, gradients and optimizer state stay resident during generation.
+- Colocated generation time-shares each GPU (megatron_rl/colocation.py): with generation.sleep_level 1 or
+  2 vLLM releases its weights and KV cache while Megatron trains (~1 GiB left), with 0 it keeps its whole
+  share; while vLLM generates, Megatron keeps its weights and whatever policy.offload_during_generation
+  leaves (null: the least offload that makes the generation phase fit).
   vLLM takes gpu_memory_utilization * GPU memory for its weights, runtime and KV cache.
 - Budget: 92% of GPU memory; the rest covers the CUDA context, NCCL buffers and allocator fragmentation.
 """
@@ -22,6 +24,7 @@ from megatron_rl.planner.memory import (
     Layout,
     StageMemory,
     kv_bytes_per_token,
+    resident_during_generation,
     training_stages,
     vllm_weight_bytes,
 )
@@ -50,6 +53,8 @@ class Plan:
     device: str
     checks: list[Check] = field(default_factory=list)
     engine: bool = True  # GRPO plans include the vLLM engine
+    sleep_level: int = 0  # colocated engines' vLLM sleep level while Megatron trains
+    offload: str = "none"  # policy.offload_during_generation, as given or derived
 
     @property
     def fits(self) -> bool:
@@ -82,9 +87,9 @@ def plan(cfg: Any, algo: str = "grpo") -> Plan:
     train = worst.total / GIB if gpu else ranks * worst.total / GIB
     phases: dict[str, float] = {"training": train, "generation": 0.0}
     checks = [Check("layout", True, f"tp={lay.tp} pp={lay.pp} cp={lay.cp} ep={lay.ep} dp={lay.dp}")]
-    share = 0.0
+    share, colocated = 0.0, {"sleep_level": 0, "offload": "none"}
     if rollouts:
-        share = _plan_engine(cfg, arch, worst, phases, checks, budget)
+        share, colocated = _plan_engine(cfg, arch, worst, phases, checks, budget)
     for phase in ("training", "generation") if gpu and rollouts else ("training",):
         total = phases[phase]
         ok = total <= budget
@@ -95,19 +100,24 @@ def plan(cfg: Any, algo: str = "grpo") -> Plan:
                 " + the engine)" if rollouts else ")"
             )
         if not ok:
-            detail += _advice(phase, worst, share, p.recompute)
+            detail += _advice(phase, worst, share, p.recompute, colocated["offload"])
         checks.append(Check(label, ok, detail))
-    return Plan(arch, lay, ranks, stages, phases, budget, "gpu" if gpu else "cpu", checks, rollouts)
+    return Plan(
+        arch, lay, ranks, stages, phases, budget, "gpu" if gpu else "cpu", checks, rollouts, **colocated
+    )
 
 
 def _plan_engine(
     cfg: Any, arch: Arch, worst: StageMemory, phases: dict[str, float], checks: list[Check], budget: float
-) -> float:
-    """vLLM's part: weights, runtime and KV cache within its share; adds to the phases; returns the share."""
+) -> tuple[float, dict[str, Any]]:
+    """vLLM's part: weights, runtime and KV cache within its share; adds to the phases; returns the share
+    and the colocation settings (sleep level, offload) the phases assume."""
+    from megatron_rl import colocation
     from megatron_rl.placement import engine_width, num_engines
 
     g, c = cfg.generation, cfg.cluster
     gpu = bool(c.gpus_per_node)
+    settings: dict[str, Any] = {"sleep_level": 0, "offload": cfg.policy.get("offload_during_generation") or "none"}
     elt = 2 if cfg.model.dtype == "bf16" else 4
     width = engine_width(cfg)  # GPUs one engine shards its weights over (the runtime's arithmetic)
     weights = vllm_weight_bytes(arch, width, elt) / GIB
@@ -116,8 +126,17 @@ def _plan_engine(
         share = g.gpu_memory_utilization * c.gpu_memory_gb
         kv = share - weights - runtime
         if g.colocated:
-            phases["training"] += VLLM_ASLEEP_GIB
-            phases["generation"] = worst.static / GIB + share
+            level = colocation.sleep_level(cfg)
+            phases["training"] += VLLM_ASLEEP_GIB if level else share
+            given = cfg.policy.get("offload_during_generation")
+            fitting = [
+                o
+                for o in colocation.OFFLOAD_CHOICES
+                if resident_during_generation(worst, o) / GIB + share <= budget
+            ]
+            offload = given or (fitting[0] if fitting else colocation.OFFLOAD_CHOICES[-1])
+            phases["generation"] = resident_during_generation(worst, offload) / GIB + share
+            settings = {"sleep_level": level, "offload": offload}
         else:  # its own GPUs
             phases["generation"] = share
         room = share - runtime
@@ -126,7 +145,7 @@ def _plan_engine(
         phases["training"] += num_engines(cfg) * (weights + kv + runtime)  # every engine in host memory
         phases["generation"] = phases["training"]
         room = budget - runtime
-    kv_tokens = max(kv, 0.0) * GIB / kv_bytes_per_token(arch, int(g.tp), elt, int(g.get("pp") or 1))
+    kv_tokens = max(kv, 0.0) * GIB / kv_bytes_per_token(arch, width, elt)
     phases.update(
         engines=num_engines(cfg),
         vllm_weights=weights,
@@ -140,9 +159,7 @@ def _plan_engine(
         Check(
             "vLLM weights",
             weights_ok,
-            f"{weights:.2f} GiB per {'GPU' if gpu else 'engine'} at generation.tp={g.tp}"
-            + (f" pp={g.pp}" if g.get("pp", 1) > 1 else "")
-            + f", room {room:.1f} GiB"
+            f"{weights:.2f} GiB per {'GPU' if gpu else 'engine'} at generation.tp={g.tp}, room {room:.1f} GiB"
             + ("" if weights_ok or not gpu else ": raise generation.tp or gpu_memory_utilization"),
         )
     )
@@ -156,10 +173,10 @@ def _plan_engine(
             + ("" if kv_ok else " (vLLM needs at least one): raise gpu_memory_utilization or generation.tp"),
         )
     )
-    return share
+    return share, settings
 
 
-def _advice(phase: str, stage: StageMemory, vllm_share: float, recompute: str) -> str:
+def _advice(phase: str, stage: StageMemory, vllm_share: float, recompute: str, offload: str = "none") -> str:
     parts = {
         "weights": stage.weights,
         "gradients": stage.grads,
@@ -168,9 +185,12 @@ def _advice(phase: str, stage: StageMemory, vllm_share: float, recompute: str) -
         "logits": stage.logits,
     }
     if phase == "generation":
+        offloaded = {"none": (), "optimizer": ("optimizer states",)}.get(
+            offload, ("optimizer states", "gradients")
+        )
         parts = {
             "vLLM share": vllm_share * GIB,
-            **{k: v for k, v in parts.items() if k not in ("activations", "logits")},
+            **{k: v for k, v in parts.items() if k not in ("activations", "logits", *offloaded)},
         }
     name, size = max(parts.items(), key=lambda kv: kv[1])
     fixes = {

@@ -65,6 +65,11 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
+def device_free_bytes() -> int:
+    """Free memory of this process's GPU as the driver reports it (other processes' use counted); 0 on CPU."""
+    return 0 if use_cpu() else torch.cuda.mem_get_info()[0]
+
+
 def peak_memory_gb() -> float:
     """Peak accelerator memory of this process (GPU), else its peak resident set size (CPU)."""
     if not use_cpu():

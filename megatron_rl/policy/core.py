@@ -9,6 +9,7 @@ sequence-mean (count = sequences) losses are exact whatever the packing.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
@@ -151,6 +152,7 @@ class MegatronPolicy:
         """One optimizer step over all micro-batches (gradient accumulation). Returns averaged metrics."""
         if self.optimizer is None:
             raise RuntimeError("policy was built with train=False")
+        self.onload()  # state offloaded around generation (policy/offload.py) comes back first
         for chunk in self.model:
             chunk.train()
             chunk.zero_grad_buffer()
@@ -205,6 +207,35 @@ class MegatronPolicy:
         if "_loss_sum" in out:
             out["loss"] = out.pop("_loss_sum") / max(out.pop("_count"), 1.0)
         return out
+
+    def offload(self, what: str) -> int:
+        """Frees the optimizer state (and grad buffers) until `onload` (policy/offload.py); returns bytes."""
+        from megatron_rl.policy.offload import Offloader
+
+        if self.optimizer is None or what == "none":
+            return 0
+        if getattr(self, "_offloader", None) is None:
+            self._offloader = Offloader(p for _, p in self.named_parameters())
+        self._offloaded_what = what
+        return self._offloader.offload(self.optimizer, self.model, what)
+
+    def onload(self) -> int:
+        """Restores what `offload` freed (a no-op when nothing is offloaded); returns bytes."""
+        offloader = getattr(self, "_offloader", None)
+        self._offloaded_what = None
+        return offloader.onload() if offloader is not None else 0
+
+    @contextmanager
+    def resident(self) -> Iterator[None]:
+        """The whole training state on the device for the block (a checkpoint save or load), then offloaded
+        again as it was."""
+        what = getattr(self, "_offloaded_what", None)
+        self.onload()
+        try:
+            yield
+        finally:
+            if what is not None:
+                self.offload(what)
 
     def named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
         from megatron.core.utils import unwrap_model

@@ -156,11 +156,16 @@ def test_resume_continues_exactly(tmp_path):
     # loop as the split run's default, step for step (asynchronous GRPO is max_staleness > 0).
     sync = ("grpo.max_staleness=0", "generation.colocated=false")
     assert launch(f"run.dir={straight}", "run.steps=4", *common, *sync).returncode == 0
-    first = launch(f"run.dir={split}", "run.steps=2", *common)
+    # The split run also frees its optimizer state and grad buffers around every generation
+    # (policy/offload.py) and saves/loads its checkpoints with them offloaded: still step for step equal.
+    offload = "policy.offload_during_generation=optimizer_and_grads"
+    first = launch(f"run.dir={split}", "run.steps=2", *common, offload)
     assert first.returncode == 0, first.stderr[-2000:]
     assert_quiet_console(first, split)
-    second = launch(f"run.dir={split}", "run.steps=4", *common)
+    second = launch(f"run.dir={split}", "run.steps=4", *common, offload)
     assert second.returncode == 0, second.stderr[-2000:]
+    trained = [r for r in metrics(split) if "train/loss" in r]
+    assert len(trained) == 4 and all(r["memory/policy_offloaded_gb"] > 0 for r in trained)
 
     def comparable(rows):
         return [

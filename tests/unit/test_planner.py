@@ -201,15 +201,22 @@ def test_sft_and_dpo_plans_leave_out_the_engine(capsys):
 def test_deepseek_v3_mla_mtp_and_the_published_256_gpu_layout(capsys):
     """MLA caches one latent per layer (not per head), the MTP layer is counted apart (~14B with its embedding
     and head copies, the report's figure), and NeMo RL's 256-GPU layout (pp=16 with 3 + 14x4 + 2 layers,
-    ep=16, vLLM tp=32) does not fit here, where Megatron's state stays resident while vLLM generates."""
+    ep=16, vLLM tp=32) does not fit while Megatron's state stays resident during generation; the derived
+    policy.offload_during_generation (the optimizer state to host, as NeMo RL does) makes it fit."""
     arch = resolve_arch(compose("deepseek_v3"))
     assert kv_bytes_per_token(arch, tp=8) == 61 * (512 + 64) * 2
     assert (arch.mtp_params + 2 * arch.embedding_params) / 1e9 == pytest.approx(14.0, rel=0.05)
     nemo_rl = ["cluster.nodes=32", "generation.tp=32", "generation.gpu_memory_utilization=0.6"]
-    p = plan(compose("deepseek_v3", nemo_rl))
+    resident = [*nemo_rl, "policy.offload_during_generation=none"]
+    p = plan(compose("deepseek_v3", resident))
     assert [s.name for s in p.stages] == ["first stage", "middle stage", "last stage"]
     assert not p.fits and [r.split(":")[0] for r in p.reasons] == ["generation phase"]
-    assert main(["plan", "conf=deepseek_v3", *nemo_rl]) == 1
+    assert main(["plan", "conf=deepseek_v3", *resident]) == 1
     assert "generation phase: 99.2 GiB of 73.6 GiB" in capsys.readouterr().err
+    p = plan(compose("deepseek_v3", nemo_rl))
+    assert p.fits and (p.offload, p.sleep_level) == ("optimizer", 2)
+    worst = max(p.stages, key=lambda s: s.total)
+    # 99.2 GiB less the optimizer state that went to host memory (what policy/offload.py frees)
+    assert p.phases["generation"] == pytest.approx(99.2 - worst.optimizer / 1024**3, abs=0.05)
     with pytest.raises(LayoutError, match=r"layers \(61\) minus first_stage_layers \(4\)"):
         plan(compose("deepseek_v3", ["policy.parallel.first_stage_layers=4"]))
