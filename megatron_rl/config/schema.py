@@ -114,6 +114,12 @@ class GenerationConfig:
     max_new_tokens: int = 64
     stop: list[str] = field(default_factory=list)
     tp: int = 1
+    # Pipeline stages of one engine (vLLM pipeline_parallel_size): an engine holds tp * pp GPUs; stages on
+    # several nodes need generation.span_nodes (vLLM's Ray executor, GPU only).
+    pp: int = 1
+    # MoE models: shard each layer's experts over the engine's GPUs instead of slicing every expert by tp
+    # (vLLM enable_expert_parallel); refused for a dense model.
+    expert_parallel: bool = False
     max_model_len: int = 1024
     gpu_memory_utilization: float = 0.6
     enforce_eager: bool = True
@@ -299,6 +305,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "generation.max_model_len": (1, None),
     "generation.gpu_memory_utilization": (0.01, 1.0),
     "generation.num_engines": (0, None),
+    "generation.pp": (1, None),
     "generation.max_failures": (0, None),
     "generation.timeout_s": (1, None),
     "generation.sleep_level": (0, 2),

@@ -35,6 +35,12 @@ class SamplingSettings:
 @dataclass
 class EngineSettings:
     tp: int = 1
+    # Pipeline stages and expert parallel inside the engine (generation/engine_parallel.py)
+    pp: int = 1
+    expert_parallel: bool = False
+    # vLLM's executor for an engine of several workers: None picks "mp" (the engine actor's child processes,
+    # one node); "ray" (workers placed in the engine's bundles, several nodes) is chosen by EngineClient.
+    executor: str | None = None
     max_model_len: int = 1024
     gpu_memory_utilization: float = 0.6
     enforce_eager: bool = True
@@ -47,6 +53,11 @@ class EngineSettings:
     # vLLM sleep level the engine is built for (generation.sleep_level): 0 never sleeps; 1 and 2 create it
     # with enable_sleep_mode (GPU only) so that sleep()/wake_up() can release its memory.
     sleep_level: int = 0
+
+    @property
+    def world(self) -> int:
+        """The engine's workers (GPUs on GPU): tp * pp."""
+        return self.tp * self.pp
 
 
 @dataclass

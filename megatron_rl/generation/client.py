@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from megatron_rl import console, platform
-from megatron_rl.generation import fanout, transports
+from megatron_rl.generation import engine_parallel, fanout, transports
 from megatron_rl.generation.base import (
     EngineSettings,
     GenerationEngine,
@@ -30,6 +30,7 @@ from megatron_rl.generation.base import (
     SamplingSettings,
 )
 from megatron_rl.generation.vllm_engine import VLLMEngine, check_model_dir
+from megatron_rl.models.hf_config import load_hf_config
 from megatron_rl.placement import EngineResources
 from megatron_rl.rank_actors import placed_on
 from megatron_rl.ray_utils import actor_env, gather, remote_class
@@ -94,6 +95,10 @@ class EngineClient(GenerationEngine):
         import ray
 
         check_model_dir(model_dir)  # before any process starts: the clearest error, at once
+        if resources is not None and resources.workers:
+            # Its GPUs are Ray workers in its bundles (an engine spanning nodes): vLLM's Ray executor.
+            settings = dataclasses.replace(settings, executor="ray")
+        engine_parallel.check(model_dir, load_hf_config(model_dir), settings)
         self.model_dir, self.settings, self.timeout_s = model_dir, settings, timeout_s
         self.refit = refit or RefitSettings()
         self.resources = resources

@@ -18,7 +18,7 @@ import torch
 
 from megatron_rl import platform
 from megatron_rl.errors import UserError
-from megatron_rl.generation import buckets, routing, worker_ops
+from megatron_rl.generation import buckets, engine_parallel, routing, worker_ops
 from megatron_rl.generation.base import EngineSettings, GenerationEngine, Sample, SamplingSettings
 from megatron_rl.generation.inflight import StreamLoop, to_samples, vllm_params
 
@@ -63,19 +63,24 @@ class VLLMEngine(GenerationEngine):
         start = time.perf_counter()
         from vllm import LLM
 
+        from megatron_rl.models.hf_config import load_hf_config
+
         s = self.settings
+        hf_config = load_hf_config(self.model_dir)
+        executor = s.executor or engine_parallel.executor_backend(s.world, ray_workers=False)
+        engine_parallel.check(self.model_dir, hf_config, s)
+        if platform.use_cpu():  # inherited by the multiprocess executor's worker processes
+            os.environ.update(engine_parallel.cpu_worker_env(s.world))
         kwargs: dict[str, Any] = dict(
             model=self.model_dir,
             dtype=s.dtype,
             enforce_eager=s.enforce_eager,
             max_model_len=s.max_model_len,
             seed=s.seed,
-            tensor_parallel_size=s.tp,
             trust_remote_code=s.trust_remote_code,
+            **engine_parallel.vllm_kwargs(s.tp, s.pp, s.expert_parallel, executor),
         )
-        from megatron_rl.models.hf_config import load_hf_config
-
-        kwargs.update(platform.vllm_engine_kwargs(s.dtype, load_hf_config(self.model_dir)))
+        kwargs.update(platform.vllm_engine_kwargs(s.dtype, hf_config))
         if not platform.use_cpu():
             kwargs["gpu_memory_utilization"] = s.gpu_memory_utilization
         if s.sleep_level:
@@ -251,7 +256,7 @@ class VLLMEngine(GenerationEngine):
             raise RuntimeError("end_refit without begin_refit")
         self._refit_open = False
         try:
-            stats = self.llm.collective_rpc(worker_ops.end_reload)[0]
+            stats = engine_parallel.merge_worker_stats(self.llm.collective_rpc(worker_ops.end_reload))
             if stats["tensors"] == 0:
                 raise ValueError("the weight update carried no tensors")
             if reset_prefix_cache and self._stream is None and "kv_cache" not in self._asleep:

@@ -317,12 +317,14 @@ def resident_during_generation(stage: StageMemory, offload: str) -> float:
     return stage.static - freed[offload]
 
 
-def kv_bytes_per_token(arch: Arch, tp: int, elt: int = 2) -> float:
-    """K and V of every layer for one token on one GPU; vLLM replicates KV heads when tp exceeds them. MLA
-    caches one latent (kv_lora_rank + rope dims) per layer, whole on every tensor-parallel rank."""
+def kv_bytes_per_token(arch: Arch, tp: int, elt: int = 2, pp: int = 1) -> float:
+    """K and V of every layer for one token on one GPU (the fullest of `pp` pipeline stages); vLLM replicates
+    KV heads when tp exceeds them. MLA caches one latent (kv_lora_rank + rope dims) per layer, whole on every
+    tensor-parallel rank."""
+    layers = ceil(arch.layers / pp)
     if arch.mla:
-        return arch.layers * (arch.kv_lora_rank + arch.qk_rope_head_dim) * elt
-    return 2 * arch.layers * ceil(arch.kv_heads / tp) * arch.head_dim * elt
+        return layers * (arch.kv_lora_rank + arch.qk_rope_head_dim) * elt
+    return 2 * layers * ceil(arch.kv_heads / tp) * arch.head_dim * elt
 
 
 def vllm_weight_bytes(arch: Arch, tp: int, elt: int = 2) -> float:

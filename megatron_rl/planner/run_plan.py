@@ -145,7 +145,7 @@ def _plan_engine(
         phases["training"] += num_engines(cfg) * (weights + kv + runtime)  # every engine in host memory
         phases["generation"] = phases["training"]
         room = budget - runtime
-    kv_tokens = max(kv, 0.0) * GIB / kv_bytes_per_token(arch, width, elt)
+    kv_tokens = max(kv, 0.0) * GIB / kv_bytes_per_token(arch, int(g.tp), elt, int(g.get("pp") or 1))
     phases.update(
         engines=num_engines(cfg),
         vllm_weights=weights,
@@ -159,7 +159,9 @@ def _plan_engine(
         Check(
             "vLLM weights",
             weights_ok,
-            f"{weights:.2f} GiB per {'GPU' if gpu else 'engine'} at generation.tp={g.tp}, room {room:.1f} GiB"
+            f"{weights:.2f} GiB per {'GPU' if gpu else 'engine'} at generation.tp={g.tp}"
+            + (f" pp={g.pp}" if g.get("pp", 1) > 1 else "")
+            + f", room {room:.1f} GiB"
             + ("" if weights_ok or not gpu else ": raise generation.tp or gpu_memory_utilization"),
         )
     )
