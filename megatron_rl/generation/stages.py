@@ -69,21 +69,26 @@ def _open(
 
 
 def _senders(
-    engines: list[Any], kinds: dict[str, str], group: set[str], index: int, count: int, address: Any
-) -> list[transports.Sender]:
+    engines: list[Any],
+    kinds: dict[str, str],
+    group: set[str],
+    index: int,
+    count: int,
+    address: Any,
+    out: list[transports.Sender],
+) -> None:
+    """This stage's senders into `out` (filled as they come, so a failure can still tell them)."""
     by_kind: dict[str, list[Any]] = {}
     for c in engines:
         by_kind.setdefault("broadcast" if c.actor_id in group else kinds[c.actor_id], []).append(c)
-    out: list[transports.Sender] = []
     for kind in sorted(by_kind, key=lambda k: fanout._ORDER.get(k, 0)):  # the broadcast last
         if kind == "broadcast":
             sender = transports.stage_broadcast_sender(by_kind[kind], engines[0].refit, index, count, address)
-            sender.connect()
             sender.start_refit()
+            out.append(sender)
+            sender.connect()
         else:
-            sender = transports.sender_for(by_kind[kind], kind, engines[0].refit)
-        out.append(sender)
-    return out
+            out.append(transports.sender_for(by_kind[kind], kind, engines[0].refit))
 
 
 def stream_from_stages(
@@ -129,8 +134,9 @@ def stream_from_stages(
         return None
     figures: dict[str, Any] | None = None
     error = None
+    used: list[transports.Sender] = []
     try:
-        used = _senders(engines, plans[index]["kinds"], group, index, len(plans), go["address"])
+        _senders(engines, plans[index]["kinds"], group, index, len(plans), go["address"], used)
         names: list[str] = []
         figures = fanout.stream(used, _recording(weights, names), engines[0].refit)
         kinds = {c.actor_id: s.kind for s in used for c in s.clients}
@@ -138,6 +144,9 @@ def stream_from_stages(
         figures.update(summary(names))
     except Exception as exc:  # noqa: BLE001 - reported to stage 0 below, which raises for all
         failure, error = exc, f"pipeline stage {index}'s sender (rank {rank}): {type(exc).__name__}: {exc}"
+        for sender in used:
+            if isinstance(sender, transports.StageBroadcastSender):
+                sender.fail()
         for _ in weights:  # the stage's other ranks wait inside the export's collectives
             pass
     results = [r for r in _all_gather({"figures": figures, "error": error}) if r is not None]

@@ -22,6 +22,7 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 import uuid
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -228,7 +229,7 @@ class StageBroadcastSender(BroadcastSender):
         on_gpu = all(c.on_gpu for c in self.clients)
         self.backend = "nccl" if not platform.use_cpu() and on_gpu else "gloo"
         self.index, self.count, self.group, self.refits, self._turn = index, count, None, 0, True
-        self.world = 1 + sum(_workers(c) for c in self.clients)
+        self.world = 1 + sum(c.settings.world for c in self.clients)
         self.timeout = datetime.timedelta(seconds=settings.timeout_s)
         self.joined: list[Any] = []
         if index == 0:
@@ -243,7 +244,7 @@ class StageBroadcastSender(BroadcastSender):
                 for c in self.clients:
                     args = (host, self.address[1], self.world, self.backend, settings.timeout_s, first)
                     self.joined.append(c._submit("join_group", *args, _prefix(stage)))
-                    first += _workers(c)
+                    first += c.settings.world
         else:
             if address is None:
                 raise ValueError("a later stage's sender joins the groups at stage 0's address")
@@ -277,9 +278,25 @@ class StageBroadcastSender(BroadcastSender):
         return f"refit{self.refits}/stage{index}/done"
 
     def _await_turn(self) -> None:
-        if not self._turn:
-            self.store.wait([self._key(self.index - 1)], self.timeout)
-            self._turn = True
+        """Until the stage before has finished; raises at once if a sender before failed (fail())."""
+        if self._turn:
+            return
+        done, failed = self._key(self.index - 1), f"refit{self.refits}/failed"
+        deadline = time.monotonic() + self.timeout.total_seconds()
+        while not self.store.check([done]):
+            if self.store.check([failed]):
+                raise RuntimeError("an earlier pipeline stage's sender failed during this refit")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the refit's pipeline stage {self.index - 1} did not finish in time")
+            time.sleep(0.01)
+        self._turn = True
+
+    def fail(self) -> None:
+        """Tells the later stages' senders that this refit failed, so none waits for its turn in vain."""
+        try:
+            self.store.set(f"refit{self.refits}/failed", b"1")
+        except Exception:  # noqa: BLE001 - the store may be gone with the failure itself
+            pass
 
     def send_bucket(self, slot: int, bucket: buckets.Bucket, method: str = "load_bucket") -> list[Any]:
         self._await_turn()
@@ -292,11 +309,6 @@ class StageBroadcastSender(BroadcastSender):
 
 def _prefix(stage: int) -> str:
     return f"stage{stage}/"
-
-
-def _workers(client: Any) -> int:
-    """An engine's workers, each a member of the broadcast groups."""
-    return getattr(client.settings, "world", None) or client.settings.tp
 
 
 _SENDERS: dict[tuple[str, tuple[str, ...]], Sender] = {}

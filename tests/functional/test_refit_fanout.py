@@ -173,3 +173,26 @@ def test_pipeline_stages_each_send_their_own_layers(engines, models, pp2_policy,
     parts = [stats[p] for p in fanout.PARTS]
     assert all(p >= 0 for p in parts) and stats["engine_load_s"] > 0 and stats["transport_s"] > 0
     assert stats["slowest_sender"] in (0, 1) and -0.01 < stats["unexplained_fraction"] < 0.5, stats
+
+
+def test_pipeline_refit_follows_a_changed_set_of_engines(engines, models, pp2_policy):
+    """As an engine group does after a restart: the new engine alone (a new group for it), then all of them
+    again (the stale groups closed on every sender, a new one built)."""
+    clients = [c.with_refit(transport="broadcast") for c in engines]
+    version = engines[0].version() + 1
+    alone = pp2_policy.push_hf_weights(clients[1:], version)
+    assert alone["missing"] == [] and [e["engine"] for e in alone["engines"]] == [engines[1].actor_id]
+    assert [e.version() for e in engines] == [version - 1, version]
+    both = pp2_policy.push_hf_weights(clients, version + 1)
+    assert both["missing"] == [] and [e.version() for e in engines] == [version + 1] * 2
+    assert_same_weights(engines[0].read_weights(), hf_weights(models[2]))
+
+
+def test_a_failed_pipeline_refit_names_the_cause_and_leaves_the_engines_serving(engines, pp2_policy):
+    from megatron_rl.ray_utils import WorkerError
+
+    v = engines[0].version()
+    with pytest.raises(WorkerError, match=r"refit start \(engine 0 of 2\).*not newer"):
+        pp2_policy.push_hf_weights(engines, v)  # stage 0 cannot open it: no stage exports anything
+    assert [e.version() for e in engines] == [v, v]
+    assert engines[0].generate([PROMPT], GREEDY)[0][0].weight_version == v
