@@ -6,7 +6,8 @@
   come back in prompt order, each `Sample` tagged with its engine and weight version. Every prompt is
   seeded by its position in the whole batch, so what it samples does not depend on the engine.
 - Refit: one export whatever the number of engines (the policy's rank 0 streams it into all of them through
-  fanout.send_to_engines: each bucket is packed once); afterwards every engine must report the new version.
+  fanout.send_to_engines: each bucket is packed once; with PP > 1 each pipeline stage's sender streams its
+  own stage, generation/stages.py); afterwards every engine must report the new version.
 - Health: an engine whose actor died, or that does not answer within `timeout_s`, is marked dead, replaced by
   a new engine on the same resources, refitted to the current weights before it serves, and its unfinished
   prompts are sent again; `max_failures` bounds the restarts over the run, then `EngineGroupError` names the
