@@ -3,13 +3,18 @@
 A trainer actor holds the weights on its GPU and refits vLLM engines from there (generation/fanout.py):
 CUDA IPC into one engine on its GPU, the same export into two engines sharing one IPC handle, and an NCCL
 broadcast (which needs the engine on another GPU: NCCL refuses two ranks on one device, so with a single
-GPU the attempt is reported, not counted as a failure). Colocated sleep/wake is timed when the engine offers
-it. After each refit with the original weights greedy generation must be unchanged. Prints one JSON
-object; exits 1 when a check that this machine can run failed, 2 without a CUDA GPU.
+GPU the attempt is reported, not counted as a failure). Colocation: an engine built for sleep mode sleeps at
+level 1 (weights to host memory) and level 2 (weights discarded), the device memory each frees is read from
+the driver (mem_get_info), and after a level-2 sleep the weights wake, are refitted over CUDA IPC, then the
+KV cache wakes; and a policy-sized optimizer state goes to host memory and back through the policy's
+offload path (policy/offload.py). After each refit with the original weights, and after each wake-up,
+greedy generation must be unchanged. Prints one JSON object; exits 1 when a check that this machine can
+run failed, 2 without a CUDA GPU.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import statistics
@@ -22,6 +27,7 @@ import torch
 
 from megatron_rl import platform
 from megatron_rl.errors import UserError
+from megatron_rl.ray_utils import WorkerError
 
 PROMPTS = [[1] + list(range(10 + i, 42 + i)) for i in range(2)]
 
@@ -83,6 +89,49 @@ def _timed_refits(
     }
 
 
+def offload_round_trip(gb: float, device: str) -> dict[str, Any]:
+    """A bf16 policy's optimizer state of `gb` GB (fp32 main copy and two Adam moments) moved to host memory
+    and back by policy/offload.py's Offloader, the model's own weights kept: seconds and GB/s each way, the
+    device memory freed (the driver's figure; 0 on CPU), whether every storage was freed and every byte
+    came back."""
+    from types import SimpleNamespace
+
+    from megatron_rl.policy.offload import Offloader
+
+    n = max(1, int(gb * 1e9 / 12))
+    weights = torch.zeros(n, dtype=torch.bfloat16, device=device)
+    main = torch.randn(n, device=device)
+    state = {"exp_avg": torch.randn(n, device=device), "exp_avg_sq": torch.rand(n, device=device)}
+    inner = SimpleNamespace(param_groups=[{"params": [main]}], state={main: state})
+    optimizer = SimpleNamespace(optimizer=inner, zero_grad=lambda: None)
+    tensors = [main, *state.values()]
+
+    def checksums() -> list[int]:
+        return [int(t.view(torch.int32).sum(dtype=torch.int64)) for t in tensors]
+
+    before = checksums()
+    offloader = Offloader([weights])
+    platform.synchronize()
+    free0, t0 = platform.device_free_bytes(), time.perf_counter()
+    nbytes = offloader.offload(optimizer, [], "optimizer")
+    offload_s = time.perf_counter() - t0
+    freed = platform.device_free_bytes() - free0
+    all_freed = all(t.untyped_storage().nbytes() == 0 for t in tensors)
+    t0 = time.perf_counter()
+    offloader.onload()
+    onload_s = time.perf_counter() - t0
+    return {
+        "gb": nbytes / 1e9,
+        "offload_s": offload_s,
+        "onload_s": onload_s,
+        "offload_gb_per_s": nbytes / offload_s / 1e9,
+        "onload_gb_per_s": nbytes / onload_s / 1e9,
+        "device_freed_gb": freed / 1e9,
+        "storages_freed": all_freed,
+        "exact": checksums() == before and weights.untyped_storage().nbytes() == 2 * n,
+    }
+
+
 def _check(results: dict[str, Any], name: str, fn, log) -> None:
     log(f"[gpu-check] {name}")
     start = time.perf_counter()
@@ -93,7 +142,9 @@ def _check(results: dict[str, Any], name: str, fn, log) -> None:
     results[name]["seconds"] = time.perf_counter() - start
 
 
-def run_gpu_check(model: str = "llama1b", rounds: int = 3, deadline_s: float = 540, log=print) -> dict:
+def run_gpu_check(
+    model: str = "llama1b", rounds: int = 3, deadline_s: float = 540, log=print, offload_gb: float = 12.0
+) -> dict:
     """Runs every check within `deadline_s` (a check still running then is reported as cut off)."""
     gpus = preflight()
     import ray
@@ -101,7 +152,6 @@ def run_gpu_check(model: str = "llama1b", rounds: int = 3, deadline_s: float = 5
     from megatron_rl.bench.refit import model_for
     from megatron_rl.generation.base import EngineSettings, RefitSettings, SamplingSettings
     from megatron_rl.generation.client import EngineClient
-    from megatron_rl.generation.vllm_engine import VLLMEngine
 
     def cut_off(signum: int, frame: Any) -> None:
         raise Deadline(f"gpu-check deadline of {deadline_s:.0f} s reached")
@@ -120,6 +170,16 @@ def run_gpu_check(model: str = "llama1b", rounds: int = 3, deadline_s: float = 5
         "dtype": dtype_name,
     }
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback-only cluster: no token under $HOME
+
+    def offload() -> dict[str, Any]:
+        out = offload_round_trip(offload_gb, "cuda")
+        if not (out["exact"] and out["storages_freed"]):
+            raise AssertionError(f"offload round trip not exact or not freed: {out}")
+        return out
+
+    # First, in this process, before any engine takes its share of the GPU; its memory is returned after.
+    _check(results, "offload_onload", offload, log)
+    torch.cuda.empty_cache()
     ray.init(num_gpus=gpus, include_dashboard=False, log_to_driver=False)
     engines: list[EngineClient] = []
     greedy = SamplingSettings(temperature=0.0, max_new_tokens=8)
@@ -171,16 +231,43 @@ def run_gpu_check(model: str = "llama1b", rounds: int = 3, deadline_s: float = 5
             return out
 
         def sleep_wake() -> dict[str, Any]:
-            if not hasattr(VLLMEngine, "sleep"):
-                return {"available": False, "note": "the engine offers no sleep/wake yet (VLLMEngine.sleep)"}
-            first = engines[0]
-            t0 = time.perf_counter()
-            first._wait([first._submit("sleep")], "sleep")
-            slept = time.perf_counter()
-            first._wait([first._submit("wake_up")], "wake up")
-            woke = time.perf_counter()
-            unchanged([first], results["reference"])
-            return {"available": True, "sleep_s": slept - t0, "wake_s": woke - slept}
+            # An engine of its own, built for sleep mode (vLLM's sleep-mode allocator), on the trainer's GPU.
+            sleeper = EngineClient(
+                str(model_dir),
+                dataclasses.replace(settings, sleep_level=2),
+                num_cpus=1,
+                num_gpus=0.3,
+                timeout_s=300,
+                refit=RefitSettings(),
+            )
+            engines.append(sleeper)
+            unchanged([sleeper], results["reference"])
+            share_gb = settings.gpu_memory_utilization * torch.cuda.get_device_properties(0).total_memory / 1e9
+            one = sleeper.sleep(1)  # weights to host memory, KV cache discarded
+            one.update(sleeper.wake_up())
+            unchanged([sleeper], results["reference"])  # the weights came back from host memory
+            two = sleeper.sleep(2)  # weights and KV cache discarded
+            two.update(sleeper.wake_up(["weights"]))
+            try:
+                sleeper.generate(PROMPTS, greedy)
+                raise AssertionError("the engine generated with the weights a level-2 sleep discarded")
+            except WorkerError as exc:
+                if "discarded the weights" not in str(exc):
+                    raise
+            version[0] += 1
+            refit = ray.get(trainer.refit.remote([sleeper], version[0], "cuda_ipc"), timeout=300)
+            kv = sleeper.wake_up(["kv_cache"])
+            # Unchanged: the refit rewrote every weight and the buffers (rotary tables) survived the sleep.
+            unchanged([sleeper], results["reference"])
+            for got in (one, two):
+                if got["freed_gb"] <= 0:
+                    raise AssertionError(f"sleep freed no device memory: {got}")
+            return {
+                "share_gb": share_gb,
+                "level1": one,
+                "level2": {**two, "refit_s": refit["refit_s"], "kv_wake_s": kv["wake_s"]},
+                "level2_freed_fraction_of_share": two["freed_gb"] / share_gb,
+            }
 
         _check(results, "cuda_ipc", cuda_ipc, log)
         if results["cuda_ipc"]["ok"]:

@@ -33,6 +33,16 @@ def test_failed_counts_what_this_machine_can_run():
     assert failed({"gpus": 1, "cuda_ipc": {"ok": False}, "error": "deadline"}) == ["cuda_ipc", "deadline"]
 
 
+def test_gpu_check_offload_round_trip_runs_the_policy_path_on_cpu():
+    """The same code as the GPU check's offload_onload (which times it on a GPU): every optimizer storage is
+    freed, the model's weights are kept, every byte comes back."""
+    from megatron_rl.bench.gpu_check import offload_round_trip
+
+    out = offload_round_trip(0.003, "cpu")
+    assert out["exact"] and out["storages_freed"] and out["device_freed_gb"] == 0
+    assert out["gb"] == pytest.approx(0.003, rel=1e-3) and out["onload_gb_per_s"] > 0
+
+
 @pytest.mark.parametrize("engines", ["0", "two", ""])
 def test_refit_engines_must_be_counts(engines):
     out = bench("refit", "--engines", engines)
