@@ -4,8 +4,8 @@ from here, so the memory plan and the run agree.
 
 - `generation.sleep_level`: 0 keeps the engines' memory; 1 (vLLM sleep level 1) moves their weights to
   host memory and discards the KV cache; 2 discards both (every step's refit writes the weights anyway).
-  null: 2 for a synchronous GRPO run whose engines share the policy's GPUs, else 0 (CPU: vLLM has no sleep
-  mode there; a separate pool shares no GPU with the policy).
+  null: 2 when the engines share the policy's GPUs (such a run is always synchronous: grpo/async_rollouts.py),
+  else 0 (CPU: vLLM has no sleep mode there; a separate pool, asynchronous GRPO's, shares no GPU).
 - `policy.offload_during_generation`: none | optimizer | optimizer_and_grads (policy/offload.py). null:
   the least the memory plan needs for the generation phase to fit (colocated on GPU), else none.
 """
@@ -35,7 +35,7 @@ def sleep_level(cfg: Any) -> int:
     given = cfg.generation.get("sleep_level")
     if given is not None:
         return int(given)
-    return 2 if shares_gpus(cfg) and not cfg.grpo.get("max_staleness", 0) else 0
+    return 2 if shares_gpus(cfg) else 0
 
 
 def offload_setting(cfg: Any) -> str:

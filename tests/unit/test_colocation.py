@@ -24,6 +24,8 @@ def test_derived_sleep_level_and_offload():
     # A separate pool shares no GPU with the policy; asynchronous GRPO never sleeps.
     separate = compose("llama8b", ["generation.colocated=false", "generation.gpus=8", "grpo.max_staleness=1"])
     assert (colocation.sleep_level(separate), colocation.offload_setting(separate)) == (0, "none")
+    # Colocated engines always run the synchronous loop (max_staleness aside), so they sleep.
+    assert colocation.sleep_level(compose("llama70b", ["grpo.max_staleness=1"])) == 2
     given = compose("llama70b", ["generation.sleep_level=1", "policy.offload_during_generation=optimizer"])
     assert (colocation.sleep_level(given), colocation.offload_setting(given)) == (1, "optimizer")
     # A bigger vLLM share no longer fits beside Megatron's whole state: the plan derives the offload.
