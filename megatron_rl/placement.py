@@ -8,7 +8,8 @@ group stays inside a node when tp divides a node's GPUs).
 Layouts:
 - CPU (cluster.gpus_per_node=0): ranks and engines share the host; engines are plain actors (no GPUs).
 - Colocated (generation.colocated=true): engine e time-shares the GPUs of policy ranks e*w .. e*w+w-1
-  (w = generation.tp): it lives in those ranks' placement-group bundles with a fraction of each GPU.
+  (w = generation.tp * generation.pp): it lives in those ranks' placement-group bundles with a fraction of
+  each GPU.
 - Separate (generation.colocated=false): the last generation.gpus GPUs form the generation pool; engine e
   holds GPUs e*w .. e*w+w-1 of it in a placement group of its own.
 An engine's GPUs stay on one node unless generation.span_nodes=true (then it takes whole nodes).
@@ -62,7 +63,7 @@ class Placement:
     gpus_per_node: int  # 0: CPU
     colocated: bool
     span_nodes: bool
-    engine_width: int  # GPUs per engine (generation.tp)
+    engine_width: int  # GPUs per engine (generation.tp * generation.pp)
     policy_ranks: list[RankSlot]
     engines: list[EngineSlot]
     problems: list[str] = field(default_factory=list)

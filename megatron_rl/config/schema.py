@@ -130,7 +130,7 @@ class GenerationConfig:
     refit_transport: str = "auto"
     cpu_kv_cache_gb: float = 1.0
     # vLLM engines behind the run's engine group; 0 or null: derived (CPU: 1; colocated on GPU: policy GPUs /
-    # generation.tp; separate: generation.gpus / generation.tp).
+    # an engine's GPUs, generation.tp * generation.pp; separate: generation.gpus / an engine's GPUs).
     num_engines: int | None = None
     # GPUs of the separate generation pool (generation.colocated=false); 0 with colocated engines.
     gpus: int = 0

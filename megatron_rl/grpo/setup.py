@@ -45,7 +45,7 @@ def build_policy(cfg: Any, model_dir: str) -> PolicyGroup:
 
 def derive_num_engines(cfg: Any) -> int:
     """`generation.num_engines`, or when 0/null what the layout gives: one on CPU; colocated on GPU, one per
-    `generation.tp` policy GPUs; separate, one per `generation.tp` of the pool's `generation.gpus`
+    `generation.tp * generation.pp` policy GPUs; separate, one per as many of the pool's `generation.gpus`
     (megatron_rl.placement's table, which every part reads). A layout that cannot be placed is a
     LayoutError naming why."""
     return len(placement.check(cfg).engines)

@@ -66,3 +66,20 @@ def test_an_engine_wider_than_a_node_without_spanning_exits_1_naming_why():
     assert any("wider than a node (2 GPUs): set generation.span_nodes=true" in p for p in report["problems"])
     assert any("engine 0 landed on nodes [0, 1]" in p for p in report["problems"]), report["problems"]
     assert "cannot be placed" in err and "span_nodes" in err
+
+
+def test_a_pipeline_engine_with_expert_parallel_spans_two_nodes_a_stage_on_each():
+    """An MoE recipe's engine of tp=2 x pp=2 (expert parallel) on 2 nodes of 2 GPUs: its four workers (vLLM's
+    Ray executor, one per bundle) take both nodes' GPUs, shared with the policy ranks there."""
+    rc, report, err = _place(
+        "conf=moonlight_16b_a3b",
+        "cluster.nodes=2",
+        "cluster.gpus_per_node=2",
+        "generation.tp=2",
+        "generation.pp=2",
+        "generation.span_nodes=true",
+        "policy.parallel.tp=2",
+    )
+    assert rc == 0 and report["ok"] is True, err
+    assert report["engines"] == [{"engine": 0, "node": [0, 1], "gpus": [[0, 1], [0, 1]]}]
+    assert [(r["node"], r["gpu"]) for r in report["policy_ranks"]] == [(0, 0), (0, 1), (1, 0), (1, 1)]

@@ -10,6 +10,8 @@ from megatron_rl.config.schema import world_size
 from megatron_rl.errors import LayoutError
 from megatron_rl.placement import check, num_engines, placement, policy_bundles, policy_rank_gpus
 from megatron_rl.planner import plan
+from megatron_rl.planner.layout import resolve_arch
+from megatron_rl.planner.memory import kv_bytes_per_token
 
 # recipe -> (policy ranks, engines, GPUs per engine, nodes per engine)
 GPU_RECIPES = {
@@ -17,7 +19,9 @@ GPU_RECIPES = {
     "llama8b": (8, 4, 2, 1),
     "mixtral8x7b": (32, 4, 8, 1),
     "qwen3_30b_a3b": (16, 4, 4, 1),
-    "qwen3_235b_a22b": (256, 16, 16, 2),
+    "qwen3_235b_a22b": (256, 16, 16, 2),  # tp=8 x pp=2: a pipeline stage per node
+    "deepseek_v3": (512, 8, 64, 8),  # tp=8 x pp=8
+    "moonlight_16b_a3b": (16, 8, 2, 1),
 }
 
 
@@ -47,6 +51,31 @@ def test_llama70b_is_one_engine_per_node():
 def test_a_spanning_engine_lists_its_nodes_and_their_gpus():
     row = placement(compose("qwen3_235b_a22b", [])).engines[3].as_json()
     assert row == {"engine": 3, "node": [6, 7], "gpus": [list(range(8)), list(range(8))]}
+
+
+def test_a_pipeline_engine_is_tp_times_pp_gpus_and_spans_nodes_by_its_stages():
+    spanning = ["cluster.nodes=2", "generation.tp=4", "generation.pp=4", "generation.span_nodes=true"]
+    table = check(compose("llama8b", spanning))
+    assert table.engine_width == 16 and [e.as_json() for e in table.engines] == [
+        {"engine": 0, "node": [0, 1], "gpus": [list(range(8)), list(range(8))]}
+    ]
+    problems = placement(compose("llama8b", ["generation.tp=8", "generation.pp=2"])).problems
+    assert any(
+        "an engine of generation.tp*pp=8*2 GPUs is wider than a node (8 GPUs): set generation.span_nodes=true"
+        in p
+        for p in problems
+    ), problems
+
+
+def test_expert_parallel_engines_need_experts_and_pipeline_stages_cache_their_own_layers():
+    with pytest.raises(
+        LayoutError, match=r"generation.expert_parallel=true needs a mixture-of-experts model"
+    ):
+        plan(compose("llama8b", ["generation.expert_parallel=true"]))
+    moe = compose("qwen3_235b_a22b", [])
+    assert moe.generation.expert_parallel and moe.generation.pp == 2
+    arch = resolve_arch(moe)
+    assert kv_bytes_per_token(arch, 8, 2, pp=2) * 2 == kv_bytes_per_token(arch, 8, 2)  # 47 of 94 layers
 
 
 def test_cpu_runs_keep_one_engine_and_plain_bundles():
