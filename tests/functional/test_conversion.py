@@ -108,6 +108,29 @@ def split_dim_mismatches(chunks: list[Any], hf_dir: str) -> list[str]:
     return bad if seen else ["no parameter resolved"]
 
 
+def stage_export(rank: int, policy: Any, original: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The refit's export from a pipelined policy (one sender per stage): what each rank received, merged on
+    rank 0. Every tensor must come from exactly one sender, and together they are the model, bit for bit."""
+    import torch.distributed as dist
+
+    from checkpoint_converters import export_hf_weights
+    from checkpoint_converters.live import stage_senders
+
+    stages = stage_senders()
+    mine = dict(export_hf_weights(policy.model, stages=stages))
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    if rank != 0:
+        return {}
+    merged = {n: t for part in every for n, t in part.items()}
+    return {
+        "stage_senders": list(stages.senders),
+        "stage_names": [sorted(part) for part in every],
+        "stage_twice": sum(len(part) for part in every) - len(merged),
+        "stage_differs": bit_equal(original, merged),
+    }
+
+
 def load_at_layouts(rank: int, dirs: dict[str, str], work: str) -> dict[str, dict[str, Any]]:
     """world 2, each architecture at TP1 and its parallel layouts: live-load the HF weights (each rank reads
     its slices) and export them; then wipe the weights, load the converted torch_dist checkpoint, export and
@@ -145,6 +168,7 @@ def load_at_layouts(rank: int, dirs: dict[str, str], work: str) -> dict[str, dic
                 res["live_untouched"] = bit_equal(original, live) == []
             load_checkpoint(policy, f"{work}/{name}.meg/model", with_optimizer=False)
             exported = dict(export_hf_weights(policy.model))
+            res |= stage_export(rank, policy, original)
             lp = policy.logprobs([{"input_ids": ids}])
             if lp is not None:  # the last stage
                 ref = torch.log_softmax(hf_logits, -1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
@@ -249,6 +273,17 @@ def test_megatron_matches_transformers_at_every_layout_and_exports_exactly(work,
     gives transformers' logits (fp32)."""
     res = work.layouts[f"{name}:{layout}"]
     assert res["live_differs"] == [] and res["export_differs"] == []
+    # The refit's per-stage export: rank 0 alone sends at pp=1; at pp=2 each rank sends its own stage's
+    # tensors (tied embeddings: the one embedding from the first stage), none twice, the model exactly.
+    assert res["stage_twice"] == 0 and res["stage_differs"] == []
+    first, second = res["stage_names"]
+    if "pp2" in layout:
+        assert res["stage_senders"] == [0, 1] and first and second
+        assert "model.embed_tokens.weight" in first and "model.norm.weight" in second
+        assert "lm_head.weight" not in first and ("lm_head.weight" in second) == ("tied" not in name)
+        assert not any(".layers.0." in n for n in second) and not any(".layers.3." in n for n in first)
+    else:
+        assert res["stage_senders"] == [0] and second == []
     assert res["live_untouched"]
     assert res["logprob_err"] <= 1e-4
     if "logit_err" in res:  # full logits are gathered only at pp=1
