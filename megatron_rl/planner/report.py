@@ -38,7 +38,10 @@ def report(cfg: Any, p: Plan) -> None:
     )
     if "vllm_weights" in ph:
         out.print(
-            f"vLLM ({ph['engines']:.0f} engines of generation.tp={cfg.generation.tp}): weights "
+            f"vLLM ({ph['engines']:.0f} engines of generation.tp={cfg.generation.tp}"
+            + (f" pp={cfg.generation.pp}" if cfg.generation.get("pp", 1) > 1 else "")
+            + (" with expert parallel" if cfg.generation.get("expert_parallel") else "")
+            + f"): weights "
             f"{ph['vllm_weights']:.1f}, runtime "
             f"{ph['vllm_runtime']:.1f}, KV cache {ph['vllm_kv_cache']:.1f} GiB "
             f"({ph['kv_tokens']:,.0f} tokens, {ph['kv_sequences']:.1f} full-length sequences)"

@@ -25,7 +25,7 @@ def test_what_an_engine_cannot_run_is_refused_before_it_starts(models):
     from megatron_rl.generation.client import EngineClient
 
     with pytest.raises(UserError, match=r"generation.expert_parallel=true needs a mixture-of-experts model"):
-        EngineClient(models[0], EngineSettings(tp=2, expert_parallel=True), num_cpus=0.1)
+        EngineClient(models[0], EngineSettings(expert_parallel=True), num_cpus=0.1)
     if platform.use_cpu():
         with pytest.raises(
             UserError, match=r"generation.pp=2: vLLM's CPU build .* fails at its first generate"

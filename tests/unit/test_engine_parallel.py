@@ -41,6 +41,22 @@ def test_a_refit_is_as_complete_as_its_least_complete_worker():
     assert merged["bytes"] == 10  # worker 0's figures otherwise
 
 
+def test_what_vllm_cpu_cannot_run_is_refused_on_cpu():
+    from megatron_rl import platform
+
+    if not platform.use_cpu():
+        pytest.skip("CPU-only refusals")
+    moe = {"num_experts": 4}
+    with pytest.raises(UserError, match=r"generation.expert_parallel=true: vLLM's CPU build crashes"):
+        ep.check("/m", moe, EngineSettings(tp=2, expert_parallel=True))
+    with pytest.raises(UserError, match=r"generation.pp=2: vLLM's CPU build"):
+        ep.check("/m", moe, EngineSettings(pp=2))
+    with pytest.raises(UserError, match=r"Ray executor, which vLLM's CPU build does not support"):
+        ep.check("/m", moe, EngineSettings(tp=2, executor="ray"))
+    ep.check("/m", moe, EngineSettings(tp=2))
+    ep.check("/m", moe, EngineSettings(expert_parallel=True))  # one worker: nothing to shard, allowed
+
+
 def test_expert_parallel_needs_experts_and_names_the_model():
     dense = {"architectures": ["LlamaForCausalLM"]}
     with pytest.raises(
@@ -48,6 +64,6 @@ def test_expert_parallel_needs_experts_and_names_the_model():
     ):
         ep.check("/m", dense, EngineSettings(expert_parallel=True))
     for moe in ({"num_experts": 128}, {"num_local_experts": 8}, {"n_routed_experts": 256}):
-        ep.check("/m", moe, EngineSettings(tp=2, expert_parallel=True))
+        ep.check("/m", moe, EngineSettings(expert_parallel=True))
         assert ep.num_experts(moe) > 0
     assert ep.num_experts(dense) == 0
