@@ -81,17 +81,20 @@ class TimeShare:
 
     The weights wake before the KV cache so that the refit (Megatron's weights, the engine's, the transfer
     buckets) never meets the KV cache on the device. Each hand-over adds its seconds (and on GPU the
-    memory the engines freed) to the step's metrics. With sleep level 0 and no offload it does nothing."""
+    memory the engines freed) to the step's metrics. With sleep level 0 and no offload it does nothing.
 
-    def __init__(self, cfg: Any, policy: Any, engine: Any) -> None:
-        self.policy, self.engine = policy, engine
-        self.sleeps = bool(getattr(engine, "sleep_level", 0))
+    Built right after the policy: the optimizer state leaves the GPU before the engines start, since vLLM
+    takes its share of what is free then (a checkpoint load brings it back and offloads it again)."""
+
+    def __init__(self, cfg: Any, policy: Any) -> None:
+        self.policy, self.engine, self.sleeps = policy, None, False
         self.offload = offload_setting(cfg)
-
-    def start(self) -> None:
-        """Before the first generation (and after a resume): the engines are awake and refitted."""
         if self.offload != "none":
             self.policy.offload(self.offload)
+
+    def use(self, engine: Any) -> None:
+        """The engine group, once started (awake: it generates, or is refitted by a resume, first)."""
+        self.engine, self.sleeps = engine, bool(getattr(engine, "sleep_level", 0))
 
     def before_training(self, metrics: dict[str, float]) -> None:
         if self.sleeps:

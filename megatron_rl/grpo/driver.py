@@ -65,9 +65,13 @@ def run(cfg: Any) -> int:
         """Start the workers, resume from the latest checkpoint, train the remaining steps (again after a
         restart: megatron_rl.faults)."""
         policy = workers.add_policy(build_policy(cfg, model_dir))
+        # Colocated on GPU: engines sleep while the policy trains, the policy's optimizer state leaves the
+        # GPU while the engines generate, from before they start (megatron_rl/colocation.py; else a no-op).
+        share = TimeShare(cfg, policy)
         engine = workers.add_engine(
             build_engine(cfg, model_dir, policy.placement_group, policy.bundle_of_rank)
         )
+        share.use(engine)
         # The step's batch: generated now (synchronous), or taken from what the engines generated meanwhile
         # (grpo.max_staleness > 0, a separate generation pool).
         rollouts = workers.closing(
@@ -83,10 +87,6 @@ def run(cfg: Any) -> int:
             start = state["step"]
             engine.refit_from(policy, version=start)
             rollouts.load_state_dict(state)
-        # Colocated on GPU: engines sleep while the policy trains, the policy's optimizer state leaves the
-        # GPU while the engines generate (megatron_rl/colocation.py; a no-op elsewhere).
-        share = TimeShare(cfg, policy, engine)
-        share.start()
         run_dir.start_logging(start if ckpt is not None else -1)
         faults.resumed(start)
         title, fields = BARS["grpo"]

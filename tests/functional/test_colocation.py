@@ -130,9 +130,11 @@ def test_hand_overs_in_the_order_vllm_needs_and_the_policy_state_leaves(parts):
     from megatron_rl.colocation import TimeShare
 
     cfg, group, policy = parts
-    share = TimeShare(cfg, policy, group)
-    assert share.sleeps and share.offload == "optimizer_and_grads"
-    share.start()
+    share = TimeShare(cfg, policy)  # offloads at once: the engines start beside what stays
+    assert share.offload == "optimizer_and_grads"
+    assert all(s["optimizer"] == 0 and s["grads"] == 0 for s in on_ranks(policy, state_sizes))
+    share.use(group)
+    assert share.sleeps
     for step in (1, 2):  # the synchronous loop of grpo/driver.py
         seqs = sequences(group.generate(PROMPTS, SAMPLING))
         metrics: dict[str, float] = {}
