@@ -21,9 +21,12 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from checkpoint_converters.live import StageSenders
 
 from megatron_rl.generation import fanout, transports
 
@@ -92,7 +95,7 @@ def _senders(
 
 
 def stream_from_stages(
-    engines: list[Any], weights: Iterable[tuple[str, torch.Tensor]], stages: Any, version: int
+    engines: list[Any], weights: Iterable[tuple[str, torch.Tensor]], stages: StageSenders, version: int
 ) -> dict[str, Any] | None:
     """Runs on every rank of a pipelined Megatron policy during a refit; `weights` is
     export_hf_weights(..., stages=stages) (each stage's sender gets its stage's tensors; every rank must
@@ -126,7 +129,6 @@ def stream_from_stages(
         if failure is not None:
             raise failure
         return None  # nobody iterates the export: its collectives never start
-    opened = time.perf_counter()
     if index < 0:
         for _ in weights:  # the export's TP/EP gathers and sends to the stage's sender need every rank
             pass
@@ -135,8 +137,10 @@ def stream_from_stages(
     figures: dict[str, Any] | None = None
     error = None
     used: list[transports.Sender] = []
+    opened = start
     try:
         _senders(engines, plans[index]["kinds"], group, index, len(plans), go["address"], used)
+        opened = time.perf_counter()  # stage 0: all before is checks (begin, agreement, a new group)
         names: list[str] = []
         figures = fanout.stream(used, _recording(weights, names), engines[0].refit)
         kinds = {c.actor_id: s.kind for s in used for c in s.clients}

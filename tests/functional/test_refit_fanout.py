@@ -172,7 +172,9 @@ def test_pipeline_stages_each_send_their_own_layers(engines, models, pp2_policy,
         assert engine.generate([PROMPT], GREEDY)[0][0].weight_version == version
     parts = [stats[p] for p in fanout.PARTS]
     assert all(p >= 0 for p in parts) and stats["engine_load_s"] > 0 and stats["transport_s"] > 0
-    assert stats["slowest_sender"] in (0, 1) and -0.01 < stats["unexplained_fraction"] < 0.5, stats
+    # Parts never count a second twice. With the stages at once (shm) a sender also waits while an engine
+    # loads the other stage's buckets, which no part of its own explains: hence a looser upper bound.
+    assert stats["slowest_sender"] in (0, 1) and -0.01 < stats["unexplained_fraction"] < 0.75, stats
 
 
 def test_pipeline_refit_follows_a_changed_set_of_engines(engines, models, pp2_policy):
