@@ -129,6 +129,7 @@ def stream_from_stages(
         if failure is not None:
             raise failure
         return None  # nobody iterates the export: its collectives never start
+    opened = time.perf_counter()  # on every rank at about the same moment: the end of a collective
     if index < 0:
         for _ in weights:  # the export's TP/EP gathers and sends to the stage's sender need every rank
             pass
@@ -137,12 +138,12 @@ def stream_from_stages(
     figures: dict[str, Any] | None = None
     error = None
     used: list[transports.Sender] = []
-    opened = start
     try:
         _senders(engines, plans[index]["kinds"], group, index, len(plans), go["address"], used)
-        opened = time.perf_counter()  # stage 0: all before is checks (begin, agreement, a new group)
+        connect_s = time.perf_counter() - opened  # joining (or building) the broadcast group
         names: list[str] = []
         figures = fanout.stream(used, _recording(weights, names), engines[0].refit)
+        figures["connect_s"] = connect_s
         kinds = {c.actor_id: s.kind for s in used for c in s.clients}
         figures.update(stage=index, rank=rank, transport="+".join(s.kind for s in used), kinds=kinds)
         figures.update(summary(names))
@@ -175,8 +176,9 @@ def _end(
     engines: list[Any], version: int, senders: list[dict[str, Any]], start: float, opened: float
 ) -> dict[str, Any]:
     """Stage 0, once every sender's buckets are loaded: ends the refit on every engine and adds up the
-    figures. The parts come from the slowest sender (the others ran meanwhile); `checks_s` adds stage 0's
-    begin/end round trips and the senders' agreement."""
+    figures. The parts come from the slowest sender (the others ran meanwhile; every sender counts from
+    the same moment, `opened`); `checks_s` adds stage 0's begin/end round trips, the senders' agreement and
+    the slowest one's joining of the broadcast group."""
     streamed = time.perf_counter()
     try:
         stats = fanout._wait(engines, [c._submit("end_refit", version, True) for c in engines], "refit end")
@@ -187,11 +189,11 @@ def _end(
     ended = time.perf_counter() - streamed
     total = time.perf_counter() - start
     senders = sorted(senders, key=lambda s: s["stage"])
-    slowest = max(senders, key=lambda s: s["stream_s"])
+    slowest = max(senders, key=lambda s: s["connect_s"] + s["stream_s"])
     finalize = min(max(s.get("finalize_s", 0.0) for s in stats), ended)
     parts = {p: slowest[p] for p in fanout.PARTS if p != "checks_s"}
     parts["engine_load_s"] += finalize
-    parts["checks_s"] = (opened - start) + (ended - finalize)
+    parts["checks_s"] = (opened - start) + slowest["connect_s"] + (ended - finalize)
     nbytes = sum(s["bytes"] for s in senders)
 
     def joined(kinds: Iterable[str]) -> str:
