@@ -63,6 +63,7 @@ class VLLMEngine(GenerationEngine):
         start = time.perf_counter()
         from vllm import LLM
 
+        from megatron_rl.models import archs
         from megatron_rl.models.hf_config import load_hf_config
 
         s = self.settings
@@ -81,6 +82,8 @@ class VLLMEngine(GenerationEngine):
             **engine_parallel.vllm_kwargs(s.tp, s.pp, s.expert_parallel, executor),
         )
         kwargs.update(platform.vllm_engine_kwargs(s.dtype, hf_config))
+        if overrides := archs.engine_hf_overrides(hf_config):
+            kwargs["hf_overrides"] = overrides
         if not platform.use_cpu():
             kwargs["gpu_memory_utilization"] = s.gpu_memory_utilization
         if s.sleep_level:

@@ -102,3 +102,16 @@ def test_layout_errors_name_the_number_to_change(par, world, pattern):
 def test_valid_layout_derives_data_parallel():
     assert validate_layout(ParallelConfig(tp=2, pp=2), SHAPE, 8) == 2
     assert validate_layout(ParallelConfig(tp=2, ep=2, etp=1), SHAPE, 4) == 2
+
+
+def test_deepseek_v3_without_its_routing_keys_tells_the_engine_what_the_trainer_assumes():
+    # A checkpoint saved by transformers lacks both keys: Megatron reads sigmoid + bias correction, vLLM
+    # would read softmax without the bias and fail to load `e_score_correction_bias` (KeyError at start).
+    from megatron_rl.models.archs import engine_hf_overrides
+
+    hf = tiny_config("deepseek_v3")
+    assert engine_hf_overrides(hf) == {}
+    del hf["scoring_func"], hf["topk_method"]
+    assert engine_hf_overrides(hf) == {"scoring_func": "sigmoid", "topk_method": "noaux_tc"}
+    assert engine_hf_overrides(tiny_config("llama")) == {}
+    assert engine_hf_overrides({"architectures": ["NotAModel"]}) == {}

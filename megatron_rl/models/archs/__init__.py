@@ -7,6 +7,8 @@ Each module declares one or more `Architecture`s (Megatron-Bridge style, one obj
   (checkpoint_converters.transforms); one table drives offline conversion, live load and refit export;
 - `copies`: HF tensors that duplicate another one (DeepSeek-V3's MTP embedding and head);
 - `planner`: the numbers the memory planner needs beyond the dense decoder's (megatron_rl.planner.memory.Arch);
+- `engine_defaults`: config.json keys whose absence the `config` translation reads one way and vLLM another;
+  an engine gets them as `hf_overrides` when the checkpoint leaves them out;
 - `mla`, `mtp`: the layer-spec changes (multi-latent attention, multi-token prediction) that
   megatron_rl.models.spec applies for it.
 Register an architecture with `register(...)` in its module and import the module in `_load_all`.
@@ -29,6 +31,7 @@ class Architecture:
     copies: dict[str, str] = field(default_factory=dict)  # HF copy name -> HF source name ({T}: MTP layer)
     planner: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     own_rope_scaling: bool = False  # `config` translates rope scaling itself (YaRN for MLA)
+    engine_defaults: dict[str, Any] = field(default_factory=dict)
 
 
 _REGISTRY: dict[str, Architecture] = {}
@@ -57,3 +60,12 @@ def get(name: str) -> Architecture:
             f"module in megatron_rl/models/archs/ (see docs/conversion.md)."
         )
     return _REGISTRY[name]
+
+
+def engine_hf_overrides(hf: dict[str, Any]) -> dict[str, Any]:
+    """What a vLLM engine must be told beyond `hf` to run the model the trainer builds from it."""
+    names = hf.get("architectures") or []
+    _load_all()
+    if len(names) != 1 or names[0] not in _REGISTRY:
+        return {}
+    return {k: v for k, v in _REGISTRY[names[0]].engine_defaults.items() if k not in hf}

@@ -180,6 +180,14 @@ def planner(hf: dict[str, Any]) -> dict[str, Any]:
 
 DEEPSEEK_V3 = register(
     Architecture(
-        (ARCH,), config, EMBEDDINGS + LAYER + MTP, copies=COPIES, planner=planner, own_rope_scaling=True
+        (ARCH,),
+        config,
+        EMBEDDINGS + LAYER + MTP,
+        copies=COPIES,
+        planner=planner,
+        own_rope_scaling=True,
+        # transformers' DeepseekV3Config has neither key (it always scores with a sigmoid and the bias
+        # correction) and saves checkpoints without them, where vLLM would fall back to softmax scores.
+        engine_defaults={"scoring_func": "sigmoid", "topk_method": "noaux_tc"},
     )
 )
