@@ -46,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     refit.add_argument("--models", default="smollm2,llama1b")
     refit.add_argument("--engines", default="1", help="engine counts to refit with one export each, e.g. 1,2")
     refit.add_argument("--rounds", type=int, default=3)
+    refit.add_argument(
+        "--cores-per-engine",
+        type=int,
+        default=None,
+        help="cores of every engine in every round (default: one engine gets them all, n engines split them)",
+    )
     gpu = sub.add_parser(
         "gpu-check", help="CUDA IPC and NCCL broadcast refit (and sleep/wake) on a GPU machine"
     )
@@ -98,7 +104,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             f"--engines takes engine counts >= 1 separated by commas, e.g. 1,2 (got {args.engines!r})"
         )
-    for result in run_refit_bench(args.models.split(","), rounds=args.rounds, engines=engines):
+    if args.cores_per_engine is not None and args.cores_per_engine < 1:
+        parser.error(f"--cores-per-engine takes a count >= 1 (got {args.cores_per_engine})")
+    results = run_refit_bench(
+        args.models.split(","), rounds=args.rounds, engines=engines, cores_per_engine=args.cores_per_engine
+    )
+    for result in results:
         print(json.dumps(result), flush=True)
     return 0
 

@@ -136,6 +136,7 @@ def bench_one(
     engine_cpus: float = 2,
     log=print,
     engines: tuple[int, ...] = (1,),
+    split_cores: bool = True,
 ) -> dict[str, Any]:
     from checkpoint_converters.hf_io import write_hf_checkpoint
     from megatron_rl.generation import fanout
@@ -206,11 +207,12 @@ def bench_one(
         accounting = {"shm": refit_parts(shm), "broadcast": refit_parts(bc)}
         for n in sorted(set(engines) - {1}):
             # n engines on this node split its cores, as n engines on one node would: each gets
-            # 1/n of them (more threads than cores would make them fight, not share).
+            # 1/n of them (more threads than cores would make them fight, not share). Without
+            # split_cores every engine keeps engine_cpus, as engines on devices of their own would.
             for client in (engine, *fleet):
                 client.shutdown()
             log(f"[bench refit] {name}: starting {n} engines")
-            cpus = max(1.0, engine_cpus // n)
+            cpus = max(1.0, engine_cpus // n) if split_cores else engine_cpus
             fleet = [
                 EngineClient(str(model_dir), settings, num_cpus=cpus, refit=refit_settings) for _ in range(n)
             ]
@@ -240,6 +242,7 @@ def bench_one(
         "bucket_mb": bucket_mb,
         "rounds": rounds,
         "engine_threads": engine.info["threads"],
+        "cores_split_between_engines": split_cores,
         "refit_s": shm_s,
         "refit_gb_per_s": nbytes / shm_s / 1e9,
         "refit_s_by_engines": by_engines,
@@ -271,9 +274,12 @@ def run_refit_bench(
     bucket_mb: float = 256,
     engines: tuple[int, ...] = (1,),
     log=None,
+    cores_per_engine: int | None = None,
 ) -> list[dict[str, Any]]:
     """Benchmarks each model in turn; progress goes to stderr (each line also to `log`), results are
-    returned. `engines`: the engine counts whose fan-out refit is measured too (`refit_s_by_engines`)."""
+    returned. `engines`: the engine counts whose fan-out refit is measured too (`refit_s_by_engines`).
+    `cores_per_engine`: every engine, alone or in a fan-out, gets that many cores (default: one engine gets
+    the whole node and n engines split it)."""
     from rich.console import Console
 
     from megatron_rl.ray_utils import init_ray
@@ -281,7 +287,8 @@ def run_refit_bench(
     console = Console(stderr=True)
     root = Path(cache or Path(tempfile.gettempdir()) / "megatron_rl_bench")
     root.mkdir(parents=True, exist_ok=True)
-    cpus = float(os.cpu_count() or 1)  # each engine gets every core, as it would on its own node
+    # each engine gets every core, as it would on its own node, unless told its share
+    cpus = float(cores_per_engine or os.cpu_count() or 1)
     # Enough logical CPUs that more engines than cores still start (each takes at least one).
     init_ray(num_cpus=int(cpus) * max(engines), log_to_driver=False)  # stdout carries only the JSON
     results = []
@@ -295,7 +302,12 @@ def run_refit_bench(
                 if "unexplained" in message:
                     console.print(message)
 
-            results.append(bench_one(name, root, rounds, bucket_mb, cpus, log=progress, engines=engines))
+            results.append(
+                bench_one(
+                    name, root, rounds, bucket_mb, cpus, log=progress, engines=engines,
+                    split_cores=cores_per_engine is None,
+                )
+            )
         console.print(f"[bench refit] {name} done", style="green")
     return results
 

@@ -5,9 +5,9 @@ receives only its own stage's HF tensors from the export and streams them into e
 rank gathers, holds or sends the whole model. Stage 0's sender opens the refit on every engine (begin: the
 version check) and closes it (end: the missing-parameter check, the version); in between each sender
 streams through transports of its own: shared-memory slot files of its own (the stages at the same time),
-CUDA IPC on its GPU, or ONE broadcast group of all the senders and every engine's workers, where each
-sender broadcasts from its own rank and the stages take turns in stage order (transports.
-StageBroadcastSender). An engine refuses a tensor that arrives twice, and `end` reports any that never
+CUDA IPC on its GPU, or a broadcast group of its own with every engine's workers, the stages taking turns
+in stage order (transports.StageBroadcastSender; in one group shared by all senders each sender would also
+have to receive the other stages' tensors). An engine refuses a tensor that arrives twice, and `end` reports any that never
 came, so every parameter arrives exactly once.
 
 Every rank of the policy runs `stream_from_stages`. The ranks agree on the plan with three small

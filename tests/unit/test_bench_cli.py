@@ -49,6 +49,11 @@ def test_refit_engines_must_be_counts(engines):
     assert out.returncode == 2 and "--engines takes engine counts >= 1" in out.stderr
 
 
+def test_refit_cores_per_engine_must_be_a_count():
+    out = bench("refit", "--engines", "1,2", "--cores-per-engine", "0")
+    assert out.returncode == 2 and "--cores-per-engine takes a count >= 1" in out.stderr
+
+
 def test_async_bench_needs_a_staleness_and_enough_steps():
     out = bench("async", "--max-staleness", "0")
     assert out.returncode == 2 and "--max-staleness >= 1" in out.stderr
