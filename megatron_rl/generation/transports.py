@@ -20,7 +20,6 @@ import datetime
 import mmap
 import os
 import shutil
-import socket
 import tempfile
 import time
 import uuid
@@ -145,12 +144,6 @@ class CudaIpcSender(Sender):
         self.slots.clear()
 
 
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 class BroadcastSender(Sender):
     """One group for all engines: rank 0 is this process, engine k's tp workers follow engine k-1's."""
 
@@ -164,10 +157,12 @@ class BroadcastSender(Sender):
         on_gpu = all(c.on_gpu for c in self.clients)
         self.backend = "nccl" if not platform.use_cpu() and on_gpu else "gloo"
         host = ray.util.get_node_ip_address()
-        port = _free_port(host)
         world = 1 + sum(c.settings.world for c in self.clients)
         timeout = datetime.timedelta(seconds=settings.timeout_s)
-        self.store = dist.TCPStore(host, port, world, is_master=True, timeout=timeout, wait_for_workers=False)
+        # Port 0: the store binds a free port itself. A port probed free and bound later can be taken in
+        # between (EADDRINUSE seen in CI, with Ray's processes opening connections all the time).
+        self.store = dist.TCPStore(host, 0, world, is_master=True, timeout=timeout, wait_for_workers=False)
+        port = self.store.port
         joined, first = [], 1
         for c in self.clients:
             joined.append(c._submit("join_group", host, port, world, self.backend, settings.timeout_s, first))
@@ -234,11 +229,11 @@ class StageBroadcastSender(BroadcastSender):
         self.joined: list[Any] = []
         if index == 0:
             host = ray.util.get_node_ip_address()
-            self.address = (host, _free_port(host))
             stores = 1 + (count - 1) + count * (self.world - 1)
-            self.store = dist.TCPStore(
-                host, self.address[1], stores, is_master=True, timeout=self.timeout, wait_for_workers=False
+            self.store = dist.TCPStore(  # port 0: bound by the store itself (BroadcastSender)
+                host, 0, stores, is_master=True, timeout=self.timeout, wait_for_workers=False
             )
+            self.address = (host, self.store.port)
             for stage in range(count):
                 first = 1
                 for c in self.clients:
