@@ -275,9 +275,16 @@ def stream_from_policy_rank(
     so the full model is never held twice. `engine`: one engine, an engine group, or a list of
     EngineClients (one export fanned out to all of them). Returns rank 0's figures, None elsewhere."""
     if rank == 0:
-        if isinstance(engine, list):
-            return fanout.send_to_engines(engine, weights, version)
-        return engine.update_weights(weights, version)
+        try:
+            if isinstance(engine, list):
+                return fanout.send_to_engines(engine, weights, version)
+            return engine.update_weights(weights, version)
+        except BaseException:
+            # The other ranks are in the exporter's collectives: rank 0 finishes them before it raises,
+            # else they wait forever and so does the controller, which waits for every rank.
+            for _ in weights:
+                pass
+            raise
     for _ in weights:
         pass
     return None
