@@ -1,6 +1,7 @@
 """The engine group on two real vLLM engines (tiny model, CPU): prompt order, one engine per prompt,
 least-outstanding dispatch, one export reaching both engines, and health: an engine killed in the middle of
 a generation is restarted, refitted to the current weights before it serves, and its prompts are redone;
+one dead when a refit starts is restarted and the refit completes;
 a stuck engine is caught by the deadline; past `max_failures` the error names the engine.
 
 One group serves the whole module (two engine start-ups are the expensive part); the tests run in file
@@ -64,7 +65,7 @@ def group(ray_cluster, models):
             log_name=f"engine{index}",
         )
 
-    g = EngineGroup(start, num_engines=2, max_failures=2, timeout_s=120)
+    g = EngineGroup(start, num_engines=2, max_failures=3, timeout_s=120)
     yield g
     g.shutdown()
 
@@ -145,6 +146,24 @@ def test_engine_killed_mid_generation_is_restarted_refitted_and_its_prompts_redo
     assert m["refit/engine1_s"] > 0  # the restarted engine's refit
 
 
+def test_engine_dead_at_refit_start_is_restarted_and_every_export_runs_to_its_end(group, models):
+    # Dead between a generation and the refit (as when it is killed just after serving its last prompt):
+    # the first export fails at its start. Its sender still reads it to the end, since a Megatron policy's
+    # other ranks are in its collectives; a sender that gave up there left them waiting forever.
+    policy = CheckpointPolicy(models[0])
+    victim = group.engines[0]
+    os.kill(victim.info["pid"], signal.SIGKILL)
+    group.refit_from(policy, version=2)
+    assert group.restarts == 2 and group.engines[0] is not victim
+    assert group.versions() == [2, 2]
+    # The failed export, then one for the restarted engine and one for the live engine, each read whole.
+    assert policy.exports == 3 and policy.tensors_sent == 3 * 39
+    greedy = group.generate([PROMPTS[-1]] * 2, GREEDY)
+    assert {s.engine for r in greedy for s in r} == {0, 1}
+    assert greedy[0][0].token_ids == greedy[1][0].token_ids
+    assert all(s.weight_version == 2 for r in greedy for s in r)
+
+
 def test_stuck_engine_is_caught_by_the_deadline(group):
     group.timeout_s = 8
     victim = group.engines[0]
@@ -152,8 +171,8 @@ def test_stuck_engine_is_caught_by_the_deadline(group):
     start = time.monotonic()
     results = group.generate(PROMPTS, SamplingSettings(temperature=1.0, max_new_tokens=6, n=2, seed=1))
     assert time.monotonic() - start < 60
-    assert len(results) == len(PROMPTS) and group.restarts == 2 and group.engines[0] is not victim
-    assert group.engines[0].version() == 1
+    assert len(results) == len(PROMPTS) and group.restarts == 3 and group.engines[0] is not victim
+    assert group.engines[0].version() == 2
 
 
 def test_failures_past_max_failures_stop_with_the_engine_named(group):
@@ -162,6 +181,6 @@ def test_failures_past_max_failures_stop_with_the_engine_named(group):
     group.timeout_s = 120
     os.kill(group.engines[1].info["pid"], signal.SIGKILL)
     with pytest.raises(
-        EngineGroupError, match=r"generation engine 1 failed: its process died .*max_failures=2"
+        EngineGroupError, match=r"generation engine 1 failed: its process died .*max_failures=3"
     ):
         group.generate(PROMPTS, GREEDY)
