@@ -29,12 +29,14 @@ class RankActor:
         return placed_on()
 
     def address(self) -> tuple[str, int]:
-        """Where the world meets, asked of rank 0: its node's address and a port free there."""
+        """Where the world meets, asked of rank 0: its node's address and the port of the rendezvous store
+        it opens there now (and hands to torch.distributed when it joins)."""
         import ray
 
-        from megatron_rl.distributed import free_port
+        from megatron_rl.distributed import host_rendezvous
 
-        return ray.util.get_node_ip_address(), free_port()
+        host = ray.util.get_node_ip_address()
+        return host, host_rendezvous(host)
 
     @staticmethod
     def join(rank: int, world: int, addr: str, port: int, threads: int) -> None:
