@@ -24,7 +24,7 @@ import json
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -108,13 +108,60 @@ class Group:
     def oldest_version(self) -> int:
         return min(min(s.token_versions or [s.weight_version]) for s in self.samples)
 
-    def as_json(self) -> dict[str, Any]:
-        return {"position": self.position, "item": self.item, "rewards": self.rewards,
-                "samples": [asdict(s) for s in self.samples]}  # fmt: skip
 
-    @staticmethod
-    def from_json(d: dict[str, Any]) -> Group:
-        return Group(d["position"], d["item"], [Sample(**s) for s in d["samples"]], d["rewards"])
+_ARRAYS = {"token_ids": torch.int64, "logprobs": torch.float64, "token_versions": torch.int64}
+
+
+def pack_groups(groups: list[Group]) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
+    """The buffer's checkpoint form: per group its position, item and rewards, and per sample its small
+    fields with the lengths of its arrays (JSON); every sample's token ids, logprobs, token versions and
+    text concatenated into one tensor each (a large run's buffer holds millions of tokens: as JSON numbers
+    they made the trainer state gigabytes). Logprobs stay float64, so a resumed run trains on the same
+    numbers."""
+    index: list[dict[str, Any]] = []
+    arrays: dict[str, list[Any]] = {name: [] for name in _ARRAYS}
+    text = bytearray()
+    for g in groups:
+        rows = []
+        for s in g.samples:
+            encoded = s.text.encode()
+            row = {"finish_reason": s.finish_reason, "weight_version": s.weight_version, "engine": s.engine}
+            for name in _ARRAYS:
+                row[f"{name}_len"] = len(getattr(s, name))
+                arrays[name] += getattr(s, name)
+            rows.append({**row, "text_len": len(encoded)})
+            text += encoded
+        index.append({"position": g.position, "item": g.item, "rewards": g.rewards, "samples": rows})
+    tensors = {f"buffer/{name}": torch.tensor(arrays[name], dtype=dtype) for name, dtype in _ARRAYS.items()}
+    no_text = torch.zeros(0, dtype=torch.uint8)  # frombuffer refuses an empty buffer
+    tensors["buffer/text"] = torch.frombuffer(text, dtype=torch.uint8).clone() if text else no_text
+    return index, tensors
+
+
+def unpack_groups(index: list[dict[str, Any]], tensors: dict[str, torch.Tensor]) -> list[Group]:
+    """The inverse of `pack_groups`. (A checkpoint from before it holds whole samples in the JSON.)"""
+    parts: dict[str, Any] = {}
+    if any("token_ids_len" in row for d in index for row in d["samples"]):
+        parts = {name: tensors[f"buffer/{name}"].tolist() for name in _ARRAYS}
+        parts["text"] = tensors["buffer/text"].numpy().tobytes()
+    at = dict.fromkeys(parts, 0)
+    groups = []
+    for d in index:
+        samples = []
+        for row in d["samples"]:
+            if "token_ids" in row:
+                samples.append(Sample(**row))
+                continue
+            cut = {}
+            for name in parts:
+                end = at[name] + row[f"{name}_len"]
+                cut[name], at[name] = parts[name][at[name] : end], end
+            samples.append(
+                Sample(cut["token_ids"], cut["logprobs"], row["finish_reason"], cut["text"].decode(),
+                       row["weight_version"], row["engine"], cut["token_versions"])
+            )  # fmt: skip
+        groups.append(Group(d["position"], d["item"], samples, d["rewards"]))
+    return groups
 
 
 class AsyncRollouts:
@@ -283,10 +330,10 @@ class AsyncRollouts:
     def state_dict(self) -> dict[str, Any]:
         """The data position (prompts drawn), the buffer with its samples, and the prompts in flight."""
         with self.cond:
-            return {
+            buffered = list(self.buffer)  # finished groups do not change: packed once the lock is released
+            state = {
                 "data": self.data.state_dict(),
                 "async": {
-                    "buffer": [g.as_json() for g in self.buffer],
                     "in_flight": [{"position": g.position, "item": g.item}
                                   for g in [*self.in_flight.values(), *self.to_send]],  # fmt: skip
                     # groups filtered since the last step (recorded with the next one) and their rewards;
@@ -296,6 +343,8 @@ class AsyncRollouts:
                     "scored": list(self._since_step["scored"]),
                 },
             }
+        state["async"]["buffer"], state["tensors"] = pack_groups(buffered)  # arrays: their own file
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Before the first step; the engines' weights already have the checkpoint's version. The prompts
@@ -304,7 +353,7 @@ class AsyncRollouts:
         self.version = self.stream.group.weight_version
         self.data.load_state_dict(state["data"])
         saved = state.get("async", {})
-        self.buffer = [Group.from_json(d) for d in saved.get("buffer", [])]
+        self.buffer = unpack_groups(saved.get("buffer", []), state.get("tensors", {}))
         self.to_send = [Group(d["position"], d["item"]) for d in saved.get("in_flight", [])]
         self._since_step["filtered"] = list(saved.get("filtered", []))
         self._since_step["scored"] = list(saved.get("scored", []))

@@ -1,9 +1,10 @@
 """Step checkpoints of a training run: atomic save, keep-last-N, resume detection, RNG and trainer state.
 
-Layout: <root>/step_000010/{policy/, trainer_state.json, rng/rank_00000.safetensors ...}. A checkpoint is
-assembled in step_N.tmp and renamed only when every part is written, so a crash (even kill -9) mid-save
-leaves the previous checkpoint as the latest loadable one; `trainer_state.json` is written last and marks
-a directory as complete.
+Layout: <root>/step_000010/{policy/, trainer_state.json, trainer_state.safetensors, rng/rank_00000.safetensors
+...}. A checkpoint is assembled in step_N.tmp and renamed only when every part is written, so a crash (even
+kill -9) mid-save leaves the previous checkpoint as the latest loadable one; `trainer_state.json` is written
+last and marks a directory as complete. The trainer state's arrays (its "tensors" entry: asynchronous GRPO's
+buffered samples) go to trainer_state.safetensors beside it, which the JSON lists by name.
 
 Works from a single controller (GRPO: the policy saves through Ray actors, the controller writes the rest)
 and from SPMD ranks (SFT/DPO: every rank calls `save`, rank 0 does the file-system work, barriers between).
@@ -28,6 +29,7 @@ from megatron_rl.errors import UserError
 
 _STEP = re.compile(r"^step_(\d+)$")
 STATE_FILE = "trainer_state.json"
+TENSORS_FILE = "trainer_state.safetensors"
 
 
 class CheckpointManager:
@@ -86,7 +88,21 @@ class CheckpointManager:
         why = problem(Path(ckpt))
         if why is not None:
             raise UserError(f"Cannot resume from checkpoint {ckpt}: it {why}.")
-        return json.loads((Path(ckpt) / STATE_FILE).read_text())
+        state = json.loads((Path(ckpt) / STATE_FILE).read_text())
+        if names := state.pop("tensors", None):
+            from safetensors import SafetensorError
+            from safetensors.torch import load_file
+
+            file = Path(ckpt) / TENSORS_FILE
+            try:
+                state["tensors"] = load_file(str(file))
+            except (OSError, SafetensorError) as exc:
+                raise UserError(
+                    f"Cannot resume from checkpoint {ckpt}: {file} is not readable ({exc})."
+                ) from None
+            if missing := sorted(set(names) - state["tensors"].keys()):
+                raise UserError(f"Cannot resume from checkpoint {ckpt}: {file} lacks {', '.join(missing)}.")
+        return state
 
     def save(
         self,
@@ -115,7 +131,14 @@ class CheckpointManager:
             )
         barrier()
         if rank == 0:
-            (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}))
+            tensors = state.get("tensors") or {}
+            if tensors:
+                from safetensors.torch import save_file
+
+                save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / TENSORS_FILE))
+            rest = {k: v for k, v in state.items() if k != "tensors"}
+            listed = {"tensors": sorted(tensors)} if tensors else {}
+            (tmp / STATE_FILE).write_text(json.dumps({"step": step, **rest, **listed}))
             if final.exists() and (why := problem(final)) is not None:
                 _say(f"checkpoint {final} {why}: replaced by this run's step {step}")
             commit_output(tmp, final)  # the old folder is removed only once the new one is in place
@@ -136,6 +159,8 @@ def problem(ckpt: Path) -> str | None:
         return f"is not readable: {file} is not valid JSON ({exc})"
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
         return f"is not readable: {file} holds no step number"
+    if state.get("tensors") and not (ckpt / TENSORS_FILE).is_file():
+        return f"has no {TENSORS_FILE} (its {STATE_FILE} lists tensors)"
     return None
 
 

@@ -96,8 +96,12 @@ def test_each_prompt_is_trained_exactly_once_across_the_kill(killed_and_resumed)
     assert [r["step"] for r in record] == list(range(1, STEPS + 1))
     trained = [p for r in record for p in r["trained"]]
     assert len(trained) == len(set(trained)) >= 8 * STEPS
-    state = json.loads((run_dir / "checkpoints" / f"step_{STEPS:06d}" / "trainer_state.json").read_text())
+    ckpt = run_dir / "checkpoints" / f"step_{STEPS:06d}"
+    state = json.loads((ckpt / "trainer_state.json").read_text())
     saved = state["async"]  # what the run had drawn but not trained, filtered or dropped yet
+    # The buffered samples' arrays are beside the JSON, not in it.
+    assert (ckpt / "trainer_state.safetensors").is_file() == bool(saved["buffer"])
+    assert all("token_ids" not in s for g in saved["buffer"] for s in g["samples"])
     pending = [g["position"] for g in saved["buffer"] + saved["in_flight"]] + saved["filtered"]
     others = [p for r in record for p in r["filtered"] + r["dropped"]] + pending
     everything = trained + others

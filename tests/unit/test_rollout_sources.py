@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-import json
+import os
+from dataclasses import asdict
 
 import pytest
 
 from megatron_rl.config.compose import compose
 from megatron_rl.errors import UserError
 from megatron_rl.generation.base import Sample
-from megatron_rl.grpo.async_rollouts import Group, SyncRollouts, make_rollout_source
+from megatron_rl.grpo.async_rollouts import (
+    Group,
+    SyncRollouts,
+    make_rollout_source,
+    pack_groups,
+    unpack_groups,
+)
 
 
 def test_colocated_or_zero_staleness_is_the_synchronous_schedule(tmp_path, capsys):
@@ -30,11 +37,25 @@ def test_stale_policy_is_checked():
         compose("tiny", ["grpo.stale_policy=later"])
 
 
-def test_a_buffered_group_round_trips_through_json():
-    samples = [Sample([5, 6, 7], [-0.1, -0.2, -0.3], "stop", "12", 3, token_versions=[3, 4, 4])]
-    group = Group(17, {"prompt": "5+7=", "answer": "12", "prompt_ids": [1, 2]}, samples, [1.0])
-    back = Group.from_json(json.loads(json.dumps(group.as_json())))
-    assert back == group and back.oldest_version() == 3
+def test_the_buffer_round_trips_through_a_checkpoint_with_its_arrays_out_of_the_json(tmp_path):
+    from megatron_rl.training.checkpoints import STATE_FILE, CheckpointManager
+
+    item = {"prompt": "5+7=", "answer": "12", "prompt_ids": [1, 2]}
+    groups = [
+        Group(17, item, [Sample([5, 6, 7], [-0.1, -0.2, -1 / 3], "stop", "12", 3, 1, [3, 4, 4]),
+                         Sample([8] * 900, [-0.5] * 900, "length", "é" * 900, 4)], [1.0, 0.0]),
+        Group(18, item, [Sample([9], [-2.0], "stop", "", 4)], [0.5]),
+    ]  # fmt: skip
+    buffer, tensors = pack_groups(groups)
+    ckpt = CheckpointManager(tmp_path).save(3, os.makedirs, {"async": {"buffer": buffer}, "tensors": tensors})
+    state = CheckpointManager.state(ckpt)
+    back = unpack_groups(state["async"]["buffer"], state["tensors"])
+    assert back == groups and back[0].oldest_version() == 3  # float64 logprobs: exactly equal
+    assert (ckpt / STATE_FILE).stat().st_size < 2000  # 904 tokens and their text are not in the JSON
+    assert unpack_groups([], {}) == []
+    # A checkpoint from before kept whole samples in the JSON: still read.
+    old = [{"position": 18, "item": item, "rewards": [0.5], "samples": [asdict(groups[1].samples[0])]}]
+    assert unpack_groups(old, {}) == groups[1:]
 
 
 def test_a_checkpoint_snapshot_does_not_change_when_a_group_is_filtered_afterwards(tmp_path):
@@ -45,7 +66,9 @@ def test_a_checkpoint_snapshot_does_not_change_when_a_group_is_filtered_afterwar
 
     from megatron_rl.grpo.async_rollouts import AsyncRollouts
 
-    cfg = compose("tiny", ["grpo.max_staleness=1", "generation.colocated=false", "grpo.dynamic_sampling=true"])
+    cfg = compose(
+        "tiny", ["grpo.max_staleness=1", "generation.colocated=false", "grpo.dynamic_sampling=true"]
+    )
     engine = SimpleNamespace(weight_version=0)
     data = SimpleNamespace(state_dict=lambda: {"position": 1})
     env = SimpleNamespace(score=lambda texts, meta: [1.0] * len(texts))  # all equal: filtered

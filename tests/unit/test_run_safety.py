@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from megatron_rl.errors import UserError
-from megatron_rl.training.checkpoints import STATE_FILE, CheckpointManager
+from megatron_rl.training.checkpoints import STATE_FILE, TENSORS_FILE, CheckpointManager
 from megatron_rl.training.run_lock import LOCK_FILE, RunLock, check_free
 
 HOLD = """
@@ -219,6 +219,33 @@ def test_checkpoint_without_trainer_state_is_never_latest_nor_silently_replaced(
     assert mgr.resume_from(None).name == "step_000006"
     assert "step_000008 has no trainer_state.json" in capsys.readouterr().err
     assert (tmp_path / "step_000008.bad").is_dir() and not (tmp_path / "step_000008").exists()
+
+
+def test_trainer_state_arrays_live_beside_the_json_and_a_missing_one_is_named(tmp_path, capsys):
+    import torch
+
+    mgr = CheckpointManager(tmp_path, keep_last=3)
+    _save(mgr, 2)
+    ids = torch.arange(5, dtype=torch.int64)
+
+    def policy(path: str) -> None:
+        os.makedirs(path)
+
+    ckpt = mgr.save(4, policy, {"data": {"position": 4}, "tensors": {"buffer/token_ids": ids}})
+    assert json.loads((ckpt / STATE_FILE).read_text())["tensors"] == ["buffer/token_ids"]
+    state = CheckpointManager.state(ckpt)
+    assert torch.equal(state["tensors"]["buffer/token_ids"], ids) and state["data"] == {"position": 4}
+    assert "tensors" not in CheckpointManager.state(tmp_path / "step_000002")
+    # The JSON lists a tensor the file lacks: named at resume.
+    from safetensors.torch import save_file
+
+    save_file({"other": ids}, str(ckpt / TENSORS_FILE))
+    with pytest.raises(UserError, match=rf"{ckpt / TENSORS_FILE} lacks buffer/token_ids"):
+        CheckpointManager.state(ckpt)
+    # The file is gone: not resumable, the run falls back to the previous checkpoint.
+    (ckpt / TENSORS_FILE).unlink()
+    assert mgr.resume_from(None).name == "step_000002"
+    assert f"has no {TENSORS_FILE}" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------- metrics
