@@ -155,7 +155,11 @@ def test_ctrl_c_stops_with_one_line(tmp_path):
     while time.monotonic() < deadline and not log.exists() and proc.poll() is None:
         time.sleep(0.2)  # the workers are starting
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:  # not stopped: the run must not go on training beside the next tests
+            proc.kill()
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
     assert err.strip().splitlines()[-1].startswith("interrupted (Ctrl-C): stopped"), err[-3000:]

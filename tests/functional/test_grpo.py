@@ -266,7 +266,13 @@ def test_ctrl_c_cancels_the_experiment_and_everything_it_started(tmp_path):
     ]  # fmt: skip
     time.sleep(3)  # into its start: Ray and its workers come up in the task's session
     parent.send_signal(signal.SIGINT)
-    out, err = parent.communicate(timeout=120)
+    try:
+        out, err = parent.communicate(timeout=120)
+    finally:  # not stopped: the run must not go on training beside the next tests
+        if parent.poll() is None:
+            parent.kill()
+        if task.is_running():
+            task.kill()
     assert parent.returncode == 130, err[-2000:]
     assert "interrupted: cancelling the experiment" in err and f"nemo experiment logs {exp_id}" in out
     (state,) = nemo_run().Experiment.from_id(exp_id).status(return_dict=True).values()
