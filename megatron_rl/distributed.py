@@ -28,10 +28,18 @@ def initialize(parallel: ParallelConfig, seed: int = 1234, timeout_s: int = 600)
     if not dist.is_initialized():
         rank = int(os.environ.get("RANK", "0"))
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        timeout = datetime.timedelta(seconds=timeout_s)
-        store = _rendezvous_store(rank, world, timeout)
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         if not platform.use_cpu():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        # Rank 0 of a Ray world hosts the store it opened when it gave its address; the other ranks reach it
+        # through torch's env:// rendezvous, which puts their keys under "default_pg/": so do its.
+        store = None
+        if rank == 0 and _hosted:
+            hosted = _hosted.pop()
+            hosted.set_timeout(timeout)
+            store = dist.PrefixStore("default_pg", hosted)
         dist.init_process_group(platform.backend(), store=store, rank=rank, world_size=world, timeout=timeout)
     parallel.check_world(dist.get_world_size())  # raises a LayoutError naming the fix
     if parallel_state.model_parallel_is_initialized():
@@ -72,20 +80,6 @@ def host_rendezvous(host: str) -> int:
     store = dist.TCPStore(host, 0, None, is_master=True, wait_for_workers=False)
     _hosted[:] = [store]
     return store.port
-
-
-def _rendezvous_store(rank: int, world: int, timeout: datetime.timedelta) -> dist.TCPStore:
-    """Every rank meets at MASTER_ADDR:MASTER_PORT; rank 0 hosts the store there (the one host_rendezvous
-    opened, else a new one). A single rank with no address given takes any free port."""
-    if rank == 0 and _hosted:
-        store = _hosted.pop()
-        store.set_timeout(timeout)
-        return store
-    addr = os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ and world > 1:
-        raise RuntimeError(f"MASTER_PORT is not set: the {world} ranks of this world have nowhere to meet")
-    port = int(os.environ.get("MASTER_PORT", "0"))
-    return dist.TCPStore(addr, port, world, is_master=rank == 0, timeout=timeout, wait_for_workers=False)
 
 
 def free_port() -> int:
