@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -71,34 +70,3 @@ class Preemption:
             signal.signal(s, handler)
         self._previous = {}
         self.request_file.unlink(missing_ok=True)
-
-
-class CtrlC:
-    """Ctrl-C that cannot be lost: the handler raises KeyboardInterrupt as Python's own does and also
-    records it, and `check()` (at every phase of a step) raises it again when something in between
-    swallowed the first (a Ctrl-C during the start-up once left a run training on in CI). `is_own()` says
-    whether a SIGINT is the run's own: the hang watchdog interrupts a stuck controller to restart it."""
-
-    def __init__(self, is_own: Callable[[], bool] = lambda: False) -> None:
-        self.is_own = is_own
-        self.pressed = False
-        self._previous: Any = None
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if not self.is_own():
-            self.pressed = True
-        raise KeyboardInterrupt
-
-    def check(self) -> None:
-        if self.pressed:
-            raise KeyboardInterrupt
-
-    def __enter__(self) -> CtrlC:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None

@@ -21,7 +21,7 @@ from typing import Any
 
 from megatron_rl import console
 from megatron_rl.faults import stacks
-from megatron_rl.faults.preemption import REQUEUE_EXIT, CtrlC, Preempted, Preemption
+from megatron_rl.faults.preemption import REQUEUE_EXIT, Preempted, Preemption
 from megatron_rl.faults.watchdog import Watchdog
 from megatron_rl.ray_utils import WorkerError
 
@@ -123,7 +123,6 @@ class Faults:
         self._workers: Workers | None = None
         # Now, not at `with`: a signal during the set-up (after Ray's own handlers) must not abort either.
         self.preemption.__enter__()
-        self.ctrl_c = CtrlC(is_own=lambda: self.watchdog.fired is not None).__enter__()
 
     def __enter__(self) -> Faults:
         return self
@@ -131,12 +130,10 @@ class Faults:
     def __exit__(self, *exc: object) -> None:
         self.watchdog.close()
         self.preemption.__exit__(*exc)
-        self.ctrl_c.__exit__(*exc)
 
     # ------------------------------------------------------------------ attempts
     def run(self, attempt: Callable[[Faults, Workers], int]) -> int:
         while True:
-            self.ctrl_c.check()
             if self.preempted:  # before (or between) attempts: nothing new to checkpoint
                 return self.requeue(self.last_step, saved=False)
             self.preemption.immediate = True  # until the attempt has resumed
@@ -213,7 +210,6 @@ class Faults:
 
     # ------------------------------------------------------------------ phases and preemption
     def phase(self, name: str, step: int) -> Any:
-        self.ctrl_c.check()  # a Ctrl-C that some library swallowed ends the run here
         return self.watchdog.phase(name, step)
 
     @property

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from megatron_rl.faults.preemption import REQUEUE_EXIT
+from tests.functional.ctrl_c import popen_interruptible
 
 CLI = [sys.executable, "-m", "megatron_rl.launch", "grpo", "conf=tiny"]
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
@@ -147,7 +148,7 @@ def test_dead_rank_without_restarts_stops_naming_rank_node_and_log(tmp_path):
 
 def test_ctrl_c_stops_with_one_line(tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(
+    proc = popen_interruptible(
         cli(run_dir, "run.steps=1000"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV
     )
     log = run_dir / "logs" / "policy_rank0.log"

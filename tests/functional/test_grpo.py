@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.functional.ctrl_c import popen_interruptible
+
 CLI = [sys.executable, "-m", "megatron_rl.launch", "grpo", "conf=tiny"]
 KEYS_EXCLUDED = ("timing/", "throughput/", "time", "memory/", "refit/")
 
@@ -252,7 +254,7 @@ def test_ctrl_c_cancels_the_experiment_and_everything_it_started(tmp_path):
     from megatron_rl.launch.executors import nemo_run
 
     run_dir = tmp_path / "run"
-    parent = subprocess.Popen(
+    parent = popen_interruptible(
         [*CLI, f"run.dir={run_dir}", "run.steps=1000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, env=ENV,
     )  # fmt: skip
