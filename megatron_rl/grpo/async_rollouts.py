@@ -125,11 +125,12 @@ def pack_groups(groups: list[Group]) -> tuple[list[dict[str, Any]], dict[str, to
         rows = []
         for s in g.samples:
             encoded = s.text.encode()
-            row = {"finish_reason": s.finish_reason, "weight_version": s.weight_version, "engine": s.engine}
+            row = {"finish_reason": s.finish_reason, "weight_version": s.weight_version, "engine": s.engine,
+                   "text_len": len(encoded)}  # fmt: skip
             for name in _ARRAYS:
                 row[f"{name}_len"] = len(getattr(s, name))
                 arrays[name] += getattr(s, name)
-            rows.append({**row, "text_len": len(encoded)})
+            rows.append(row)
             text += encoded
         index.append({"position": g.position, "item": g.item, "rewards": g.rewards, "samples": rows})
     tensors = {f"buffer/{name}": torch.tensor(arrays[name], dtype=dtype) for name, dtype in _ARRAYS.items()}

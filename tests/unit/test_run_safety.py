@@ -227,11 +227,7 @@ def test_trainer_state_arrays_live_beside_the_json_and_a_missing_one_is_named(tm
     mgr = CheckpointManager(tmp_path, keep_last=3)
     _save(mgr, 2)
     ids = torch.arange(5, dtype=torch.int64)
-
-    def policy(path: str) -> None:
-        os.makedirs(path)
-
-    ckpt = mgr.save(4, policy, {"data": {"position": 4}, "tensors": {"buffer/token_ids": ids}})
+    ckpt = mgr.save(4, os.makedirs, {"data": {"position": 4}, "tensors": {"buffer/token_ids": ids}})
     assert json.loads((ckpt / STATE_FILE).read_text())["tensors"] == ["buffer/token_ids"]
     state = CheckpointManager.state(ckpt)
     assert torch.equal(state["tensors"]["buffer/token_ids"], ids) and state["data"] == {"position": 4}
