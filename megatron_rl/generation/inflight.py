@@ -62,6 +62,10 @@ class StreamLoop:
     def __init__(self, llm: Any, version: int) -> None:
         self.llm, self.engine = llm, llm.llm_engine
         self.lock = threading.Lock()  # the engine itself: one step, or a whole weight update
+        # Cleared by `pause`: the loop stops taking `lock`. A Lock is not fair, and the loop would otherwise
+        # take it again at once after each step, keeping a waiting update out for many tokens.
+        self._may_step = threading.Event()
+        self._may_step.set()
         self._mu = threading.Lock()  # the bookkeeping below, shared with the actor's thread
         self.version = version
         self.engine.set_weight_version(str(version))
@@ -106,7 +110,9 @@ class StreamLoop:
         while wanted - got.keys():
             got |= self.poll(wanted - got.keys())["done"]
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{len(wanted - got.keys())} request(s) unfinished after {timeout_s:.0f} s")
+                raise TimeoutError(
+                    f"{len(wanted - got.keys())} request(s) unfinished after {timeout_s:.0f} s"
+                )
             time.sleep(0.005)
         return got
 
@@ -114,6 +120,7 @@ class StreamLoop:
 
     def pause(self) -> None:
         """Returns between two engine steps, holding the engine until `resume`."""
+        self._may_step.clear()
         self.lock.acquire()
 
     def resume(self, version: int | None) -> None:
@@ -126,6 +133,7 @@ class StreamLoop:
                 self.llm.reset_prefix_cache(reset_running_requests=True)
         finally:
             self.lock.release()
+            self._may_step.set()
             self._work.set()
 
     # The loop
@@ -135,6 +143,7 @@ class StreamLoop:
 
         try:
             while not self._stop:
+                self._may_step.wait()
                 with self.lock:
                     with self._mu:
                         queued, self._queue = self._queue, []
@@ -165,5 +174,6 @@ class StreamLoop:
 
     def close(self) -> None:
         self._stop = True
+        self._may_step.set()
         self._work.set()
         self._thread.join(timeout=10)
