@@ -28,6 +28,15 @@ def collective_timeout_s(watchdog: Any) -> float:
 
 
 EXIT_GRACE_S = 30.0
+# How the watchdog interrupts a stuck controller: a signal of its own, with its own handler, so that the
+# interrupt arrives however SIGINT is set (a command that a non-interactive shell starts in the background,
+# `nohup ... &` or a batch script's `cmd &`, ignores SIGINT). A real-time signal: no library here uses one
+# (SIGALRM is pytest-timeout's, SIGUSR1 preemption's, SIGUSR2 the workers' stack dumps).
+INTERRUPT_SIGNAL = signal.SIGRTMIN + 1
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"hang watchdog: signal {signum}")
 
 
 class Watchdog:
@@ -45,6 +54,8 @@ class Watchdog:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stop = False
+        self._interrupt_signal = signal.SIGINT  # until a handler of its own is installed
+        self._previous_handler: Any = None
 
     def deadline(self, phase: str) -> float:
         recent = self.history[phase]
@@ -73,6 +84,9 @@ class Watchdog:
 
     def _ensure_thread(self) -> None:
         if self._thread is None:
+            if threading.current_thread() is threading.main_thread():  # where handlers can be set
+                self._previous_handler = signal.signal(INTERRUPT_SIGNAL, _interrupt)
+                self._interrupt_signal = INTERRUPT_SIGNAL
             self._thread = threading.Thread(target=self._watch, name="hang-watchdog", daemon=True)
             self._thread.start()
 
@@ -116,8 +130,8 @@ class Watchdog:
                     file=sys.stderr,
                     flush=True,
                 )
-                # A real SIGINT to the main thread: it also ends a blocking call (sleep, a socket wait).
-                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+                # A real signal to the main thread: it also ends a blocking call (sleep, a socket wait).
+                signal.pthread_kill(threading.main_thread().ident, self._interrupt_signal)
         print(f"hang watchdog: {name} still stuck; exiting", file=sys.stderr, flush=True)
         os._exit(1)
 
@@ -129,3 +143,6 @@ class Watchdog:
         with self._cond:
             self._stop = True
             self._cond.notify()
+        if self._previous_handler is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(INTERRUPT_SIGNAL, self._previous_handler)
+            self._previous_handler = None

@@ -17,7 +17,7 @@ import pytest
 from megatron_rl.config.compose import compose
 from megatron_rl.faults import stacks
 from megatron_rl.faults.preemption import REQUEST_FILE, REQUEUE_EXIT, Preempted, Preemption
-from megatron_rl.faults.watchdog import Watchdog, collective_timeout_s
+from megatron_rl.faults.watchdog import INTERRUPT_SIGNAL, Watchdog, collective_timeout_s
 from megatron_rl.launch.slurm import preemption_lines, render
 
 
@@ -50,20 +50,20 @@ def test_a_phase_past_its_deadline_is_reported_once_and_the_next_one_is_not():
     dog.close()
 
 
-def test_a_phase_still_stuck_after_the_report_is_interrupted():
+def test_a_phase_still_stuck_after_the_report_is_interrupted_even_with_sigint_ignored():
     dog = Watchdog(SimpleNamespace(enabled=True, factor=1.0, floor_s=0.3), lambda *a: None)
     started = time.monotonic()
-    # Python's own SIGINT handling, as in a controller started in the foreground (a suite started in the
-    # background inherits an ignored SIGINT).
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    # As in a controller that a non-interactive shell started in the background (`nohup ... &`).
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         with pytest.raises(KeyboardInterrupt):
             with dog.phase("refit", 3):
                 time.sleep(20)
     finally:
         signal.signal(signal.SIGINT, previous)
+        dog.close()
     assert time.monotonic() - started < 5
-    dog.close()
+    assert signal.getsignal(INTERRUPT_SIGNAL) in (signal.SIG_DFL, None)  # closing gave it back
 
 
 def test_a_signal_stops_at_once_before_any_step_and_waits_for_the_step_end_after(tmp_path):
