@@ -6,7 +6,6 @@ import datetime
 import os
 import pickle
 import queue
-import socket
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -28,18 +27,12 @@ def initialize(parallel: ParallelConfig, seed: int = 1234, timeout_s: int = 600)
     if not dist.is_initialized():
         rank = int(os.environ.get("RANK", "0"))
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
         if not platform.use_cpu():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
         timeout = datetime.timedelta(seconds=timeout_s)
-        # Rank 0 of a Ray world hosts the store it opened when it gave its address; the other ranks reach it
-        # through torch's env:// rendezvous, which puts their keys under "default_pg/": so do its.
-        store = None
-        if rank == 0 and _hosted:
-            hosted = _hosted.pop()
-            hosted.set_timeout(timeout)
-            store = dist.PrefixStore("default_pg", hosted)
+        store = _rendezvous_store(timeout)  # None: torch's env:// rendezvous (torchrun, srun)
+        if store is None and world == 1 and "MASTER_PORT" not in os.environ:
+            store = dist.HashStore()  # a world of one process meets no one: no port to take
         dist.init_process_group(platform.backend(), store=store, rank=rank, world_size=world, timeout=timeout)
     parallel.check_world(dist.get_world_size())  # raises a LayoutError naming the fix
     if parallel_state.model_parallel_is_initialized():
@@ -69,23 +62,39 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-_hosted: list[dist.TCPStore] = []  # the store host_rendezvous opened here, until initialize takes it
+# Rendezvous. A port probed free and bound only when the process group starts can be taken in between
+# (EADDRINUSE, seen in CI with Ray's processes opening connections all the time). So the world's store is
+# opened on a port the kernel picks, before anyone is told where to meet, and stays open: in rank 0 of a Ray
+# world (`host_rendezvous`), or in the parent of a spawned one. Every rank then joins it as a client
+# (HOSTED_STORE_ENV), each `initialize` under a prefix of its own: spawned ranks initialise again at other
+# layouts (the conversions), and a store bound again would give EADDRINUSE.
+HOSTED_STORE_ENV = "MEGATRON_RL_HOSTED_STORE"
+_store: dist.TCPStore | None = None  # this process's handle on its world's hosted store
+_inits = 0
 
 
 def host_rendezvous(host: str) -> int:
-    """Rank 0, before the others learn where to meet: opens the world's rendezvous store on a port the
-    kernel picks and keeps it open for `initialize`; returns the port. (A port probed free and bound
-    only when the process group starts can be taken in between: EADDRINUSE, seen in CI with Ray's
-    processes opening connections all the time.)"""
-    store = dist.TCPStore(host, 0, None, is_master=True, wait_for_workers=False)
-    _hosted[:] = [store]
-    return store.port
+    """Rank 0 of a Ray world, before the others learn where to meet: opens the world's store and keeps it
+    for `initialize`; returns its port."""
+    global _store
+    _store = _open_store(host)
+    return _store.port
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _open_store(host: str) -> dist.TCPStore:
+    return dist.TCPStore(host, 0, None, is_master=True, wait_for_workers=False)
+
+
+def _rendezvous_store(timeout: datetime.timedelta) -> dist.Store | None:
+    global _store, _inits
+    if os.environ.get(HOSTED_STORE_ENV) != "1":
+        return None
+    if _store is None:
+        host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        _store = dist.TCPStore(host, port, None, is_master=False, timeout=timeout)
+    _store.set_timeout(timeout)
+    _inits += 1  # every rank initialises the same number of times, so the prefixes agree
+    return dist.PrefixStore(f"init{_inits}", _store)
 
 
 def _worker(
@@ -104,6 +113,7 @@ def _worker(
         WORLD_SIZE=str(world),
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
+        **{HOSTED_STORE_ENV: "1"},
     )
     import warnings
 
@@ -140,7 +150,8 @@ def spawn(
     With `log_name`, a rank's output goes to the run's `logs/<log_name>_rank<r>.log` (megatron_rl.console)."""
     ctx = torch.multiprocessing.get_context("spawn")
     results = ctx.Queue()
-    port = free_port()
+    store = _open_store("127.0.0.1")  # held here until every rank is done
+    port = store.port
     procs = [
         ctx.Process(target=_worker, args=(fn, rank, world_size, port, args, results, log_name), daemon=False)
         for rank in range(world_size)
@@ -176,6 +187,7 @@ def spawn(
             if p.is_alive():
                 p.terminate()
                 p.join(timeout=5)
+        del store
     return [outputs[r] for r in range(world_size)]
 
 

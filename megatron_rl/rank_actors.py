@@ -44,9 +44,12 @@ class RankActor:
         import torch
 
         # Ray pins each actor to its own GPU (CUDA_VISIBLE_DEVICES), so the local device index is 0.
+        from megatron_rl.distributed import HOSTED_STORE_ENV
+
         os.environ.update(
             RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0", MASTER_ADDR=addr, MASTER_PORT=str(port)
         )
+        os.environ[HOSTED_STORE_ENV] = "1"  # rank 0 opened it in `address`
         torch.set_num_threads(max(1, threads))
 
 

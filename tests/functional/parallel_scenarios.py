@@ -167,6 +167,30 @@ def moe_equivalence(rank: int, model_dir: str, work: str) -> dict[str, Any]:
     return out
 
 
+def rendezvous_twice(rank: int) -> dict[str, Any]:
+    """world 2: the spawner's store holds MASTER_PORT before any rank binds it, and the world forms there
+    twice (torch.distributed torn down and started again, as a conversion does at each layout)."""
+    import os
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as other:
+        try:
+            other.bind(("127.0.0.1", int(os.environ["MASTER_PORT"])))
+            held = False
+        except OSError:
+            held = True
+    sums = []
+    for value in (1.0, 10.0):
+        distributed.initialize(ParallelConfig(), seed=0, timeout_s=60)
+        total = torch.tensor([value * (rank + 1)])
+        dist.all_reduce(total)
+        sums.append(float(total))
+        distributed.teardown()
+    return {"held": held, "sums": sums}
+
+
 def vocab_parallel_logprobs_check(rank: int) -> dict[str, float]:
     """world 2, tp=2: the policy's per-token logprob (minus Megatron's vocab-parallel cross entropy on
     each rank's vocab slice) and its gradient vs a plain full-vocab log_softmax."""

@@ -31,6 +31,10 @@ def dense(tiny_dirs, tmp_path_factory):
     return distributed.spawn(sc.dense_equivalence, 2, tiny_dirs["llama"], str(tmp_path_factory.mktemp("ck")))
 
 
+def test_a_spawned_world_meets_at_a_port_held_from_the_start_and_forms_again():
+    assert distributed.spawn(sc.rendezvous_twice, 2) == [{"held": True, "sums": [3.0, 30.0]}] * 2
+
+
 def test_tp2_sequence_parallel_matches_tp1(dense):
     r = dense[0]
     assert r["tp1_logits"].shape == r["tp2_logits"].shape == (2, 23, 384)
