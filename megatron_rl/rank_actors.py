@@ -43,9 +43,9 @@ class RankActor:
         """The environment torch.distributed reads, and this rank's share of the CPU threads."""
         import torch
 
-        # Ray pins each actor to its own GPU (CUDA_VISIBLE_DEVICES), so the local device index is 0.
         from megatron_rl.distributed import HOSTED_STORE_ENV
 
+        # Ray pins each actor to its own GPU (CUDA_VISIBLE_DEVICES), so the local device index is 0.
         os.environ.update(
             RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0", MASTER_ADDR=addr, MASTER_PORT=str(port)
         )
